@@ -1,0 +1,174 @@
+//! The future returned by a [`Fallback`](crate::Fallback) service.
+
+use crate::accept::Accept;
+use pin_project_lite::pin_project;
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+use tower_service::Service;
+
+pin_project! {
+    /// Response future of [`Fallback`](crate::Fallback).
+    ///
+    /// It drives the primary's future and the fallback's readiness and future side by
+    /// side, without spawning a task. It resolves to the primary's result as soon as
+    /// the predicate accepts it — dropping the fallback's future, or its pending
+    /// readiness, on the spot — and otherwise to the fallback's result.
+    pub struct ResponseFuture<PF, F, Req, A>
+    where
+        F: Service<Req>,
+    {
+        // `None` once the primary has answered and its answer was rejected.
+        #[pin]
+        primary: Option<PF>,
+        #[pin]
+        fallback: Branch<F, Req>,
+        accept: A,
+    }
+}
+
+pin_project! {
+    #[project = BranchProj]
+    enum Branch<F, Req>
+    where
+        F: Service<Req>,
+    {
+        // Driving a clone of the fallback to readiness. `req` is `Some` until `call`.
+        NotReady {
+            svc: F,
+            req: Option<Req>,
+        },
+        // The fallback has been called and its future is in flight.
+        Called {
+            #[pin]
+            fut: F::Future,
+        },
+        // The fallback answered (or failed to become ready) while the primary was still
+        // pending; the result is held in case the primary is rejected.
+        Answered {
+            result: Option<Result<F::Response, F::Error>>,
+        },
+        // The fallback is no longer wanted, or its result has been handed out.
+        Done,
+    }
+}
+
+impl<PF, F, Req, A> ResponseFuture<PF, F, Req, A>
+where
+    F: Service<Req>,
+{
+    pub(crate) fn new(primary: PF, fallback: F, req: Req, accept: A) -> Self {
+        ResponseFuture {
+            primary: Some(primary),
+            fallback: Branch::NotReady {
+                svc: fallback,
+                req: Some(req),
+            },
+            accept,
+        }
+    }
+}
+
+impl<PF, F, Req, A, T, E> Future for ResponseFuture<PF, F, Req, A>
+where
+    PF: Future<Output = Result<T, E>>,
+    F: Service<Req, Response = T, Error = E>,
+    A: Accept<T, E>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+
+        // The primary is polled first so that an answer it already has is judged before
+        // the fallback is started at all.
+        if let Some(primary) = this.primary.as_mut().as_pin_mut() {
+            if let Poll::Ready(result) = primary.poll(cx) {
+                // CORRECTNESS: the primary's future is dropped here in both cases, so it
+                // is never polled after it completed.
+                this.primary.set(None);
+                if this.accept.accept(&result) {
+                    // Drop the fallback — its readiness, its future or its held answer —
+                    // before the response is handed back.
+                    this.fallback.set(Branch::Done);
+                    return Poll::Ready(result);
+                }
+            }
+        }
+        let primary_pending = this.primary.is_some();
+
+        loop {
+            match this.fallback.as_mut().project() {
+                BranchProj::NotReady { svc, req } => match svc.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        let req = req.take().expect("request is present until called");
+                        let fut = svc.call(req);
+                        this.fallback.set(Branch::Called { fut });
+                    }
+                    // A readiness error is the fallback's answer, served only if it is
+                    // needed, like any other fallback error.
+                    Poll::Ready(Err(error)) => {
+                        if !primary_pending {
+                            this.fallback.set(Branch::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                        this.fallback.set(Branch::Answered {
+                            result: Some(Err(error)),
+                        });
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                BranchProj::Called { fut } => {
+                    let result = match fut.poll(cx) {
+                        Poll::Ready(result) => result,
+                        Poll::Pending => return Poll::Pending,
+                    };
+                    if !primary_pending {
+                        this.fallback.set(Branch::Done);
+                        return Poll::Ready(result);
+                    }
+                    // The primary is preferred: hold the fallback's answer until the
+                    // primary's verdict.
+                    this.fallback.set(Branch::Answered {
+                        result: Some(result),
+                    });
+                }
+                BranchProj::Answered { result } => {
+                    if primary_pending {
+                        return Poll::Pending;
+                    }
+                    let result = result.take().expect("answer is held until handed out");
+                    this.fallback.set(Branch::Done);
+                    return Poll::Ready(result);
+                }
+                BranchProj::Done => panic!("`ResponseFuture` polled after completion"),
+            }
+        }
+    }
+}
+
+impl<PF, F, Req, A> fmt::Debug for ResponseFuture<PF, F, Req, A>
+where
+    F: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let primary = if self.primary.is_some() {
+            "Pending"
+        } else {
+            "Rejected"
+        };
+        let fallback = match &self.fallback {
+            Branch::NotReady { .. } => "NotReady",
+            Branch::Called { .. } => "Called",
+            Branch::Answered { .. } => "Answered",
+            Branch::Done => "Done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("primary", &primary)
+            .field("fallback", &fallback)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,76 @@
+#![warn(
+    missing_debug_implementations,
+    missing_docs,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+//! Tower middleware that starts a fallback service at the same time as the primary.
+//!
+//! # Overview
+//!
+//! The usual read-through code asks a cache and, only after the cache says "miss",
+//! asks the database: every miss costs the cache's latency *plus* the database's.
+//! [`Fallback`] starts both calls at once, inside one response future:
+//!
+//! - a **hit** (the primary's answer is accepted) costs only the primary: the
+//!   fallback's future is dropped the moment the answer is accepted;
+//! - a **miss** (the answer is rejected) costs the slower of the two, not their sum.
+//!
+//! The primary is always preferred: a fallback answer that arrives first is held until
+//! the primary has been judged. Which answers count is decided by an
+//! [`Accept`](accept::Accept) predicate, by default [`AcceptOk`](accept::AcceptOk).
+//!
+//! The middleware spawns no task, takes no lock and allocates nothing per request, and
+//! the error type passes through: with two `Infallible` services, the stack stays
+//! `Infallible`, so axum needs no `HandleErrorLayer`.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//! use tower_backstop::FallbackLayer;
+//!
+//! # #[derive(Clone, Debug, PartialEq)] struct Row(u32);
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // A cache that answers `None` on a miss, and the database behind it.
+//! let cache = service_fn(|id: u32| async move {
+//!     Ok::<_, Infallible>(if id < 100 { Some(Row(id)) } else { None })
+//! });
+//! let db = service_fn(|id: u32| async move { Ok::<_, Infallible>(Some(Row(id))) });
+//!
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(FallbackLayer::new(db).accept(|r: &Result<Option<Row>, Infallible>| {
+//!         matches!(r, Ok(Some(_)))
+//!     }))
+//!     .service(cache);
+//!
+//! // Served by the cache; the database call was dropped unfinished (or never started).
+//! assert_eq!(svc.ready().await.unwrap().call(7).await.unwrap(), Some(Row(7)));
+//! // Served by the database, which was already running when the cache missed.
+//! assert_eq!(svc.ready().await.unwrap().call(700).await.unwrap(), Some(Row(700)));
+//! # }
+//! ```
+//!
+//! # Requirements
+//!
+//! - Both services take the same request type, which must be `Clone`: the primary gets
+//!   the request and the fallback a clone of it.
+//! - Both services return the same `Response` and `Error` types.
+//! - The fallback must be `Clone`: each response future drives its own clone to
+//!   readiness, so a saturated fallback never holds back the primary.
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.75.
+
+pub mod accept;
+pub mod future;
+mod layer;
+mod service;
+
+pub use crate::{layer::FallbackLayer, service::Fallback};

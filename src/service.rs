@@ -1,0 +1,183 @@
+use crate::{accept::AcceptOk, accept::TypeName, future::ResponseFuture};
+use std::{
+    fmt,
+    task::{Context, Poll},
+};
+use tower_service::Service;
+
+/// Serves requests from a primary service, with a fallback service started alongside.
+///
+/// Each request goes to the primary, and a clone of it to the fallback, at the same
+/// time. The primary's result is judged by the [`Accept`](crate::accept::Accept)
+/// predicate (by default [`AcceptOk`]) the moment it arrives:
+///
+/// - **accepted**: the fallback's future — or its pending readiness — is dropped and
+///   the primary's result is returned. A hit costs only the primary.
+/// - **rejected**: the fallback's result is returned, `Ok` or `Err`. A miss costs the
+///   slower of the two branches, not their sum.
+///
+/// If the fallback answers first, its result is held and the primary is still awaited:
+/// the primary is preferred.
+///
+/// # Readiness
+///
+/// [`poll_ready`](Service::poll_ready) reflects the primary alone. The fallback is
+/// cloned into each response future and driven to readiness there, the way
+/// [`tower::util::Oneshot`] does, so a saturated fallback never delays readiness or an
+/// accepted answer. A fallback that never becomes ready delays only requests whose
+/// primary answer is rejected; bound those with a timeout around this service.
+///
+/// # Load
+///
+/// Every request whose primary does not answer on the first poll starts a fallback
+/// call: with a primary that answers asynchronously, the fallback sees one call per
+/// request — up to twice the load it would see behind a sequential fallback. Most of
+/// those calls are dropped in flight when the primary is accepted.
+///
+/// # Example
+///
+/// ```
+/// use std::convert::Infallible;
+/// use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+/// use tower_backstop::FallbackLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cache = service_fn(|key: u32| async move {
+///     Ok::<_, Infallible>(if key % 2 == 0 { Some(format!("cached {key}")) } else { None })
+/// });
+/// let db = service_fn(|key: u32| async move { Ok::<_, Infallible>(Some(format!("row {key}"))) });
+///
+/// let mut svc = ServiceBuilder::new()
+///     .layer(FallbackLayer::new(db).accept(|r: &Result<Option<String>, Infallible>| {
+///         matches!(r, Ok(Some(_)))
+///     }))
+///     .service(cache);
+///
+/// let hit = svc.ready().await.unwrap().call(2).await.unwrap();
+/// assert_eq!(hit.as_deref(), Some("cached 2"));
+/// let miss = svc.ready().await.unwrap().call(3).await.unwrap();
+/// assert_eq!(miss.as_deref(), Some("row 3"));
+/// # }
+/// ```
+///
+/// [`tower::util::Oneshot`]: https://docs.rs/tower/latest/tower/util/struct.Oneshot.html
+#[derive(Clone)]
+pub struct Fallback<P, F, A = AcceptOk> {
+    primary: P,
+    fallback: F,
+    accept: A,
+}
+
+impl<P, F> Fallback<P, F> {
+    /// Creates a service that serves from `primary` and falls back to `fallback`,
+    /// accepting any `Ok` from the primary.
+    pub const fn new(primary: P, fallback: F) -> Self {
+        Fallback {
+            primary,
+            fallback,
+            accept: AcceptOk,
+        }
+    }
+}
+
+impl<P, F, A> Fallback<P, F, A> {
+    pub(crate) const fn from_parts(primary: P, fallback: F, accept: A) -> Self {
+        Fallback {
+            primary,
+            fallback,
+            accept,
+        }
+    }
+
+    /// Replaces the predicate that decides whether the primary's result stands.
+    ///
+    /// The predicate sees the primary's whole `Result`; anything it rejects is replaced
+    /// by the fallback's result. The default, [`AcceptOk`], accepts every `Ok`.
+    pub fn accept<A2>(self, accept: A2) -> Fallback<P, F, A2> {
+        Fallback {
+            primary: self.primary,
+            fallback: self.fallback,
+            accept,
+        }
+    }
+
+    /// Returns a reference to the primary service.
+    pub fn get_ref(&self) -> &P {
+        &self.primary
+    }
+
+    /// Returns a mutable reference to the primary service.
+    pub fn get_mut(&mut self) -> &mut P {
+        &mut self.primary
+    }
+
+    /// Returns a reference to the fallback service.
+    pub fn fallback_ref(&self) -> &F {
+        &self.fallback
+    }
+
+    /// Returns a mutable reference to the fallback service.
+    pub fn fallback_mut(&mut self) -> &mut F {
+        &mut self.fallback
+    }
+
+    /// Returns a reference to the accept predicate.
+    pub fn accept_ref(&self) -> &A {
+        &self.accept
+    }
+
+    /// Consumes `self`, returning the primary service.
+    pub fn into_inner(self) -> P {
+        self.primary
+    }
+
+    /// Consumes `self`, returning the primary and the fallback services.
+    pub fn into_parts(self) -> (P, F) {
+        (self.primary, self.fallback)
+    }
+}
+
+impl<P, F, A, Req> Service<Req> for Fallback<P, F, A>
+where
+    P: Service<Req>,
+    F: Service<Req, Response = P::Response, Error = P::Error> + Clone,
+    A: crate::accept::Accept<P::Response, P::Error> + Clone,
+    Req: Clone,
+{
+    type Response = P::Response;
+    type Error = P::Error;
+    type Future = ResponseFuture<P::Future, F, Req, A>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.primary.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let fallback_req = req.clone();
+        let primary = self.primary.call(req);
+        // The fallback's clone is readied inside the future, never here: `self.fallback`
+        // itself is never polled for readiness, so every clone starts out un-readied and
+        // is driven to readiness before it is called.
+        ResponseFuture::new(
+            primary,
+            self.fallback.clone(),
+            fallback_req,
+            self.accept.clone(),
+        )
+    }
+}
+
+impl<P, F, A> fmt::Debug for Fallback<P, F, A>
+where
+    P: fmt::Debug,
+    F: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fallback")
+            .field("primary", &self.primary)
+            .field("fallback", &self.fallback)
+            .field("accept", &TypeName::of(&self.accept))
+            .finish()
+    }
+}
