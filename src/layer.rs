@@ -13,7 +13,7 @@ use tower_layer::Layer;
 /// use tower_backstop::FallbackLayer;
 ///
 /// let db = service_fn(|key: u32| async move { Ok::<_, Infallible>(Some(key * 10)) });
-/// let cache = service_fn(|_key: u32| async move { Ok::<_, Infallible>(None) });
+/// let cache = service_fn(|_key: u32| async move { Ok::<Option<u32>, Infallible>(None) });
 ///
 /// let svc = ServiceBuilder::new()
 ///     .layer(FallbackLayer::new(db).accept(|r: &Result<Option<u32>, Infallible>| {
