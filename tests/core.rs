@@ -4,10 +4,7 @@
 
 mod support;
 
-use std::{
-    task::Poll,
-    time::Duration,
-};
+use std::{task::Poll, time::Duration};
 use support::{hit, poll_once, Answer, Probe, ProbeError, Reply};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
@@ -49,7 +46,11 @@ async fn hit_drops_the_in_flight_fallback_before_answering() {
     // gone, dropped in flight and never completed, and its service clone released.
     assert_eq!(db_counts.dropped(), 1);
     assert_eq!(db_counts.completed(), 0);
-    assert_eq!(db_counts.alive(), 1, "only the service's own fallback is left");
+    assert_eq!(
+        db_counts.alive(),
+        1,
+        "only the service's own fallback is left"
+    );
     drop(fut);
 
     // Nothing completes later either.
@@ -180,7 +181,11 @@ async fn never_ready_fallback_leaves_a_rejected_request_pending() {
     let outcome = tokio::time::timeout(ms(1_000), svc.oneshot(1)).await;
     assert!(outcome.is_err(), "the request must wait for the fallback");
     assert_eq!(db_counts.started(), 0);
-    assert_eq!(db_counts.alive(), 0, "the timed-out future released its clone");
+    assert_eq!(
+        db_counts.alive(),
+        0,
+        "the timed-out future released its clone"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -237,9 +242,8 @@ async fn dropping_the_response_future_drops_both_branches() {
 #[tokio::test(start_paused = true)]
 async fn primary_answering_on_first_poll_never_starts_the_fallback() {
     // A primary that is ready at once is judged before the fallback is touched.
-    let cache = tower::service_fn(|key: u64| async move {
-        Ok::<_, ProbeError>(answer("cache", key))
-    });
+    let cache =
+        tower::service_fn(|key: u64| async move { Ok::<_, ProbeError>(answer("cache", key)) });
     let db = Probe::fixed("db", 1, Reply::Value(2));
     let db_counts = db.counts();
     let svc = Fallback::new(cache, db).accept(hit);

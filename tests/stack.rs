@@ -146,9 +146,10 @@ async fn timeout_around_the_layer_bounds_the_whole_request() {
 
 #[tokio::test(start_paused = true)]
 async fn timeout_on_the_primary_alone_turns_a_slow_cache_into_a_rejection() {
-    let cache = ServiceBuilder::new()
-        .timeout(ms(5))
-        .service(Probe::fixed("cache", 100, Reply::Value(1)));
+    let cache =
+        ServiceBuilder::new()
+            .timeout(ms(5))
+            .service(Probe::fixed("cache", 100, Reply::Value(1)));
     let db = ServiceBuilder::new()
         .map_err(BoxError::from)
         .service(Probe::fixed("db", 8, Reply::Value(2)));
@@ -185,7 +186,10 @@ fn debug_output_names_the_parts() {
     struct Named;
     let layer = FallbackLayer::new(Named).accept(|r: &Result<u64, ProbeError>| r.is_ok());
     let text = format!("{layer:?}");
-    assert!(text.starts_with("FallbackLayer { fallback: Named, accept: "), "{text}");
+    assert!(
+        text.starts_with("FallbackLayer { fallback: Named, accept: "),
+        "{text}"
+    );
 
     let svc = Fallback::new(Named, Named);
     assert_eq!(

@@ -163,7 +163,11 @@ impl Service<u64> for Probe {
     }
 
     fn call(&mut self, key: u64) -> ProbeFuture {
-        assert!(!self.never_ready, "{} was called without being ready", self.name);
+        assert!(
+            !self.never_ready,
+            "{} was called without being ready",
+            self.name
+        );
         self.counts.started.fetch_add(1, SeqCst);
         let (latency, reply) = (self.script)(key);
         let name = self.name;
