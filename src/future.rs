@@ -1,6 +1,9 @@
 //! The future returned by a [`Fallback`](crate::Fallback) service.
 
-use crate::accept::Accept;
+use crate::{
+    accept::Accept,
+    launch::{Plan, Speculation, Timer},
+};
 use pin_project_lite::pin_project;
 use std::{
     fmt,
@@ -21,12 +24,18 @@ pin_project! {
     where
         F: Service<Req>,
     {
-        // `None` once the primary has answered and its answer was rejected.
+        // `None` once the primary has answered (and its answer was rejected), or has been
+        // dropped unanswered by the patience bound.
         #[pin]
         primary: Option<PF>,
         #[pin]
         fallback: Branch<F, Req>,
+        // The launch delay while the fallback waits to start speculatively; later, the
+        // patience bound while a fallback answer waits for the primary. Never both.
+        #[pin]
+        timer: Option<Timer>,
         accept: A,
+        speculation: Speculation,
     }
 }
 
@@ -36,7 +45,8 @@ pin_project! {
     where
         F: Service<Req>,
     {
-        // Driving a clone of the fallback to readiness. `req` is `Some` until `call`.
+        // Holding a clone of the fallback and the request. Until the launch, readiness
+        // is not even asked; after it, the clone is driven to readiness.
         NotReady {
             svc: F,
             req: Option<Req>,
@@ -60,14 +70,22 @@ impl<PF, F, Req, A> ResponseFuture<PF, F, Req, A>
 where
     F: Service<Req>,
 {
-    pub(crate) fn new(primary: PF, fallback: F, req: Req, accept: A) -> Self {
+    pub(crate) fn new(
+        primary: PF,
+        fallback: F,
+        req: Req,
+        accept: A,
+        speculation: Speculation,
+    ) -> Self {
         ResponseFuture {
             primary: Some(primary),
             fallback: Branch::NotReady {
                 svc: fallback,
                 req: Some(req),
             },
+            timer: None,
             accept,
+            speculation,
         }
     }
 }
@@ -90,15 +108,45 @@ where
                 // CORRECTNESS: the primary's future is dropped here in both cases, so it
                 // is never polled after it completed.
                 this.primary.set(None);
+                this.speculation.primary_answered();
+                // Neither a launch delay nor the patience bound applies any more.
+                this.timer.set(None);
                 if this.accept.accept(&result) {
                     // Drop the fallback — its readiness, its future or its held answer —
                     // before the response is handed back.
                     this.fallback.set(Branch::Done);
                     return Poll::Ready(result);
                 }
+                // Rejected: the fallback starts now if it has not yet, whatever the
+                // policy and the budget say. This launch is not speculative.
+                this.speculation.launched = true;
             }
         }
         let primary_pending = this.primary.is_some();
+
+        if primary_pending && !this.speculation.launched {
+            match this.speculation.plan {
+                Plan::Now => {}
+                Plan::OnReject => return Poll::Pending,
+                #[cfg(feature = "time")]
+                Plan::At(deadline) => {
+                    if this.timer.is_none() {
+                        this.timer.set(Some(tokio::time::sleep_until(deadline)));
+                    }
+                    let timer = this.timer.as_mut().as_pin_mut().expect("timer was just set");
+                    if timer.poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.timer.set(None);
+                }
+            }
+            // A refused withdrawal turns the plan into `OnReject`: the primary's answer,
+            // which wakes this task, launches the fallback if it is rejected.
+            if !this.speculation.withdraw() {
+                return Poll::Pending;
+            }
+            this.speculation.launched = true;
+        }
 
         loop {
             match this.fallback.as_mut().project() {
@@ -131,14 +179,28 @@ where
                         return Poll::Ready(result);
                     }
                     // The primary is preferred: hold the fallback's answer until the
-                    // primary's verdict.
+                    // primary's verdict, or until the patience bound runs out.
+                    #[cfg(feature = "time")]
+                    if let (Some(patience), Ok(_)) = (this.speculation.patience, &result) {
+                        this.timer.set(Some(tokio::time::sleep(patience)));
+                    }
                     this.fallback.set(Branch::Answered {
                         result: Some(result),
                     });
                 }
                 BranchProj::Answered { result } => {
                     if primary_pending {
-                        return Poll::Pending;
+                        // Only a successful fallback answer ever sets the patience timer.
+                        let Some(timer) = this.timer.as_mut().as_pin_mut() else {
+                            return Poll::Pending;
+                        };
+                        if timer.poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        // Patience ran out: serve the fallback, drop the primary unanswered.
+                        this.timer.set(None);
+                        this.primary.set(None);
+                        this.speculation.primary_cut_short();
                     }
                     let result = result.take().expect("answer is held until handed out");
                     this.fallback.set(Branch::Done);
@@ -161,6 +223,7 @@ where
             "Rejected"
         };
         let fallback = match &self.fallback {
+            Branch::NotReady { .. } if !self.speculation.launched => "Waiting",
             Branch::NotReady { .. } => "NotReady",
             Branch::Called { .. } => "Called",
             Branch::Answered { .. } => "Answered",
@@ -169,6 +232,7 @@ where
         f.debug_struct("ResponseFuture")
             .field("primary", &primary)
             .field("fallback", &fallback)
+            .field("speculation", &self.speculation)
             .finish_non_exhaustive()
     }
 }

@@ -1,70 +1,127 @@
-use crate::{accept::AcceptOk, accept::TypeName, Fallback};
+use crate::{
+    accept::{AcceptOk, TypeName},
+    launch::{AnyRequest, Launch, Settings},
+    Fallback,
+};
 use std::fmt;
 use tower_layer::Layer;
 
 /// Wraps a primary service in a [`Fallback`] to the given fallback service.
 ///
-/// The layer holds the fallback and the predicate, and clones both into each service it
-/// builds. See [`Fallback`] for how requests are served.
+/// The layer holds the fallback and the configuration, and clones them into each
+/// service it builds; the builder methods are those of [`Fallback`]. Shared state —
+/// a budget, an adaptive estimate — is shared by every service the layer builds.
 ///
 /// ```
 /// use std::convert::Infallible;
 /// use tower::{service_fn, ServiceBuilder};
-/// use tower_backstop::FallbackLayer;
+/// use tower_backstop::{launch::Launch, FallbackLayer};
 ///
 /// let db = service_fn(|key: u32| async move { Ok::<_, Infallible>(Some(key * 10)) });
 /// let cache = service_fn(|_key: u32| async move { Ok::<Option<u32>, Infallible>(None) });
 ///
 /// let svc = ServiceBuilder::new()
-///     .layer(FallbackLayer::new(db).accept(|r: &Result<Option<u32>, Infallible>| {
-///         matches!(r, Ok(Some(_)))
-///     }))
+///     .layer(
+///         FallbackLayer::new(db)
+///             .accept(|r: &Result<Option<u32>, Infallible>| matches!(r, Ok(Some(_))))
+///             .launch(Launch::Concurrent),
+///     )
 ///     .service(cache);
 /// # let _ = svc;
 /// ```
 #[derive(Clone)]
-pub struct FallbackLayer<F, A = AcceptOk> {
+pub struct FallbackLayer<F, A = AcceptOk, E = AnyRequest> {
     fallback: F,
     accept: A,
+    eligible: E,
+    settings: Settings,
 }
 
 impl<F> FallbackLayer<F> {
     /// Creates a layer that falls back to `fallback`, accepting any `Ok` from the
-    /// primary.
-    pub const fn new(fallback: F) -> Self {
+    /// primary and starting both at once.
+    pub fn new(fallback: F) -> Self {
         FallbackLayer {
             fallback,
             accept: AcceptOk,
+            eligible: AnyRequest,
+            settings: Settings::default(),
         }
     }
 }
 
-impl<F, A> FallbackLayer<F, A> {
+impl<F, A, E> FallbackLayer<F, A, E> {
     /// Replaces the predicate that decides whether the primary's result stands.
-    ///
-    /// The default, [`AcceptOk`], accepts every `Ok`. See
-    /// [`Fallback::accept`].
-    pub fn accept<A2>(self, accept: A2) -> FallbackLayer<F, A2> {
+    /// Default: [`AcceptOk`]. See [`Fallback::accept`].
+    pub fn accept<A2>(self, accept: A2) -> FallbackLayer<F, A2, E> {
         FallbackLayer {
             fallback: self.fallback,
             accept,
+            eligible: self.eligible,
+            settings: self.settings,
         }
+    }
+
+    /// Sets when the fallback starts. Default: [`Launch::Concurrent`].
+    /// See [`Fallback::launch`].
+    pub fn launch(mut self, launch: Launch) -> Self {
+        self.settings.launch = launch;
+        self
+    }
+
+    /// Caps speculative launches with a budget shared by every service this layer
+    /// builds. Default: no cap. See [`Fallback::budget`].
+    #[cfg(feature = "budget")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
+    pub fn budget<B>(mut self, budget: B) -> Self
+    where
+        B: tower::retry::budget::Budget + Send + Sync + 'static,
+    {
+        self.settings.budget = Some(std::sync::Arc::new(budget));
+        self
+    }
+
+    /// Lets only the requests `eligible` approves start their fallback speculatively.
+    /// Default: [`AnyRequest`]. See [`Fallback::speculate_if`].
+    pub fn speculate_if<E2>(self, eligible: E2) -> FallbackLayer<F, A, E2> {
+        FallbackLayer {
+            fallback: self.fallback,
+            accept: self.accept,
+            eligible,
+            settings: self.settings,
+        }
+    }
+
+    /// Bounds how long a successful fallback answer waits for the primary.
+    /// Default: no bound. See [`Fallback::patience`].
+    #[cfg(feature = "time")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
+    pub fn patience(mut self, patience: std::time::Duration) -> Self {
+        self.settings.patience = Some(patience);
+        self
     }
 }
 
-impl<P, F, A> Layer<P> for FallbackLayer<F, A>
+impl<P, F, A, E> Layer<P> for FallbackLayer<F, A, E>
 where
     F: Clone,
     A: Clone,
+    E: Clone,
 {
-    type Service = Fallback<P, F, A>;
+    type Service = Fallback<P, F, A, E>;
 
     fn layer(&self, primary: P) -> Self::Service {
-        Fallback::from_parts(primary, self.fallback.clone(), self.accept.clone())
+        Fallback::from_parts(
+            primary,
+            self.fallback.clone(),
+            self.accept.clone(),
+            self.eligible.clone(),
+            self.settings.clone(),
+        )
     }
 }
 
-impl<F, A> fmt::Debug for FallbackLayer<F, A>
+impl<F, A, E> fmt::Debug for FallbackLayer<F, A, E>
 where
     F: fmt::Debug,
 {
@@ -72,6 +129,8 @@ where
         f.debug_struct("FallbackLayer")
             .field("fallback", &self.fallback)
             .field("accept", &TypeName::of(&self.accept))
+            .field("eligible", &TypeName::of(&self.eligible))
+            .field("settings", &self.settings)
             .finish()
     }
 }

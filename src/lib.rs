@@ -66,10 +66,11 @@
 //!
 //! # Minimum supported Rust version
 //!
-//! Rust 1.75.
+//! Rust 1.85.
 
 pub mod accept;
 pub mod future;
+pub mod launch;
 mod layer;
 mod service;
 

@@ -1,4 +1,8 @@
-use crate::{accept::AcceptOk, accept::TypeName, future::ResponseFuture};
+use crate::{
+    accept::{Accept, AcceptOk, TypeName},
+    future::ResponseFuture,
+    launch::{AnyRequest, Eligible, Launch, Settings},
+};
 use std::{
     fmt,
     task::{Context, Poll},
@@ -63,30 +67,36 @@ use tower_service::Service;
 ///
 /// [`tower::util::Oneshot`]: https://docs.rs/tower/latest/tower/util/struct.Oneshot.html
 #[derive(Clone)]
-pub struct Fallback<P, F, A = AcceptOk> {
+pub struct Fallback<P, F, A = AcceptOk, E = AnyRequest> {
     primary: P,
     fallback: F,
     accept: A,
+    eligible: E,
+    settings: Settings,
 }
 
 impl<P, F> Fallback<P, F> {
     /// Creates a service that serves from `primary` and falls back to `fallback`,
-    /// accepting any `Ok` from the primary.
-    pub const fn new(primary: P, fallback: F) -> Self {
-        Fallback {
-            primary,
-            fallback,
-            accept: AcceptOk,
-        }
+    /// accepting any `Ok` from the primary and starting both at once.
+    pub fn new(primary: P, fallback: F) -> Self {
+        Fallback::from_parts(primary, fallback, AcceptOk, AnyRequest, Settings::default())
     }
 }
 
-impl<P, F, A> Fallback<P, F, A> {
-    pub(crate) const fn from_parts(primary: P, fallback: F, accept: A) -> Self {
+impl<P, F, A, E> Fallback<P, F, A, E> {
+    pub(crate) const fn from_parts(
+        primary: P,
+        fallback: F,
+        accept: A,
+        eligible: E,
+        settings: Settings,
+    ) -> Self {
         Fallback {
             primary,
             fallback,
             accept,
+            eligible,
+            settings,
         }
     }
 
@@ -94,12 +104,69 @@ impl<P, F, A> Fallback<P, F, A> {
     ///
     /// The predicate sees the primary's whole `Result`; anything it rejects is replaced
     /// by the fallback's result. The default, [`AcceptOk`], accepts every `Ok`.
-    pub fn accept<A2>(self, accept: A2) -> Fallback<P, F, A2> {
-        Fallback {
-            primary: self.primary,
-            fallback: self.fallback,
+    pub fn accept<A2>(self, accept: A2) -> Fallback<P, F, A2, E> {
+        Fallback::from_parts(
+            self.primary,
+            self.fallback,
             accept,
-        }
+            self.eligible,
+            self.settings,
+        )
+    }
+
+    /// Sets when the fallback starts. Default: [`Launch::Concurrent`], with the primary.
+    ///
+    /// See the [`launch`](crate::launch) module for what each policy costs in extra
+    /// fallback load and saves in latency.
+    pub fn launch(mut self, launch: Launch) -> Self {
+        self.settings.launch = launch;
+        self
+    }
+
+    /// Caps speculative launches — fallback calls started before the primary was
+    /// rejected — with a [`Budget`](tower::retry::budget::Budget), such as
+    /// [`TpsBudget`](tower::retry::budget::TpsBudget). Default: no cap.
+    ///
+    /// Every request deposits; every speculative launch withdraws. A refused withdrawal
+    /// makes that request sequential: its fallback still starts if the primary is
+    /// rejected. The budget is shared by all clones of this service.
+    #[cfg(feature = "budget")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
+    pub fn budget<B>(mut self, budget: B) -> Self
+    where
+        B: tower::retry::budget::Budget + Send + Sync + 'static,
+    {
+        self.settings.budget = Some(std::sync::Arc::new(budget));
+        self
+    }
+
+    /// Lets only the requests `eligible` approves start their fallback speculatively;
+    /// the others are served sequentially. Default: [`AnyRequest`], every request.
+    ///
+    /// Use it to keep requests that must not run twice (writes, non-idempotent calls)
+    /// from reaching the fallback unless the primary has been rejected.
+    pub fn speculate_if<E2>(self, eligible: E2) -> Fallback<P, F, A, E2> {
+        Fallback::from_parts(
+            self.primary,
+            self.fallback,
+            self.accept,
+            eligible,
+            self.settings,
+        )
+    }
+
+    /// Bounds how long a successful fallback answer waits for the primary.
+    /// Default: no bound — the primary is preferred and always awaited.
+    ///
+    /// When the fallback answers `Ok` while the primary is still pending, the primary
+    /// gets `patience` more; if it has not answered by then, the fallback's answer is
+    /// served and the primary's future is dropped. A fallback error never cuts the
+    /// primary short.
+    #[cfg(feature = "time")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
+    pub fn patience(mut self, patience: std::time::Duration) -> Self {
+        self.settings.patience = Some(patience);
+        self
     }
 
     /// Returns a reference to the primary service.
@@ -138,11 +205,12 @@ impl<P, F, A> Fallback<P, F, A> {
     }
 }
 
-impl<P, F, A, Req> Service<Req> for Fallback<P, F, A>
+impl<P, F, A, E, Req> Service<Req> for Fallback<P, F, A, E>
 where
     P: Service<Req>,
     F: Service<Req, Response = P::Response, Error = P::Error> + Clone,
-    A: crate::accept::Accept<P::Response, P::Error> + Clone,
+    A: Accept<P::Response, P::Error> + Clone,
+    E: Eligible<Req>,
     Req: Clone,
 {
     type Response = P::Response;
@@ -154,6 +222,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        let speculation = self.settings.plan(self.eligible.eligible(&req));
         let fallback_req = req.clone();
         let primary = self.primary.call(req);
         // The fallback's clone is readied inside the future, never here: `self.fallback`
@@ -164,11 +233,12 @@ where
             self.fallback.clone(),
             fallback_req,
             self.accept.clone(),
+            speculation,
         )
     }
 }
 
-impl<P, F, A> fmt::Debug for Fallback<P, F, A>
+impl<P, F, A, E> fmt::Debug for Fallback<P, F, A, E>
 where
     P: fmt::Debug,
     F: fmt::Debug,
@@ -178,6 +248,8 @@ where
             .field("primary", &self.primary)
             .field("fallback", &self.fallback)
             .field("accept", &TypeName::of(&self.accept))
+            .field("eligible", &TypeName::of(&self.eligible))
+            .field("settings", &self.settings)
             .finish()
     }
 }

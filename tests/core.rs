@@ -29,7 +29,7 @@ async fn hit_drops_the_in_flight_fallback_before_answering() {
     let mut svc = Fallback::new(cache, db).accept(hit);
 
     let start = Instant::now();
-    let mut fut = svc.ready().await.unwrap().call(7);
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(7));
     // First poll: the primary is pending, so the fallback is readied and called.
     assert!(poll_once(&mut fut).await.is_pending());
     assert_eq!(db_counts.started(), 1);
@@ -157,7 +157,7 @@ async fn never_ready_fallback_does_not_delay_an_accepted_answer() {
     let mut svc = Fallback::new(Probe::fixed("cache", 3, Reply::Value(1)), db).accept(hit);
 
     let start = Instant::now();
-    let mut fut = svc.ready().await.unwrap().call(1);
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
     let result = loop {
         if let Poll::Ready(result) = poll_once(&mut fut).await {
             break result;
@@ -225,7 +225,7 @@ async fn dropping_the_response_future_drops_both_branches() {
     let (cache_counts, db_counts) = (cache.counts(), db.counts());
     let mut svc = Fallback::new(cache, db).accept(hit);
 
-    let mut fut = svc.ready().await.unwrap().call(1);
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
     assert!(poll_once(&mut fut).await.is_pending());
     tokio::time::sleep(ms(5)).await;
     assert!(poll_once(&mut fut).await.is_pending());

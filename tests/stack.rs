@@ -192,9 +192,13 @@ fn debug_output_names_the_parts() {
     );
 
     let svc = Fallback::new(Named, Named);
-    assert_eq!(
-        format!("{svc:?}"),
-        "Fallback { primary: Named, fallback: Named, accept: tower_backstop::accept::AcceptOk }"
+    let text = format!("{svc:?}");
+    assert!(
+        text.starts_with(
+            "Fallback { primary: Named, fallback: Named, accept: tower_backstop::accept::AcceptOk, \
+             eligible: tower_backstop::launch::AnyRequest, settings: Settings { launch: Concurrent"
+        ),
+        "{text}"
     );
 }
 
@@ -207,6 +211,7 @@ async fn response_future_debug_shows_both_branches() {
     let fut = svc.call(1);
     let text = format!("{fut:?}");
     assert!(text.contains("primary: \"Pending\""), "{text}");
-    assert!(text.contains("fallback: \"NotReady\""), "{text}");
+    assert!(text.contains("fallback: \"Waiting\""), "{text}");
+    assert!(text.contains("plan: Now, launched: false"), "{text}");
     let _: &dyn Future<Output = Result<Answer, ProbeError>> = &fut;
 }

@@ -1,0 +1,271 @@
+//! When the fallback starts, and how much extra load it may add.
+//!
+//! Starting the fallback with every request is what makes a miss cheap, and it is
+//! also extra load on the fallback — usually the database the primary exists to
+//! protect. The [`Launch`] policy chooses *when* a fallback call starts, a budget caps
+//! how many start *speculatively* (before the primary was rejected), and an
+//! [`Eligible`] predicate keeps some requests from speculating at all.
+//!
+//! | policy | fallback starts | extra fallback load | a miss costs |
+//! |---|---|---|---|
+//! | [`Launch::Concurrent`] (default) | with the primary | one call per request (hits included) | `max(primary, fallback)` |
+//! | `Launch::Delayed(d)` | once the primary has been pending for `d` | one call per request slower than `d` | `max(primary, d + fallback)` if the miss is slower than `d`, else `primary + fallback` |
+//! | `Launch::Adaptive(..)` | once the primary has been pending longer than a percentile `q` of its recent latency | about `1 - q` of requests (10% at p90) | as `Delayed`, with `d` following the primary |
+//! | [`Launch::Sequential`] | after the primary is rejected | none | `primary + fallback` |
+//!
+//! Whatever the policy, a rejected primary always gets its fallback, started at once:
+//! the policy only decides how early the fallback may start before that.
+//!
+//! A *speculative* launch is one that starts before the primary has been rejected.
+//! With a budget set (`Fallback::budget`, feature `budget`), every request deposits
+//! into it and every speculative launch withdraws from it; a refused withdrawal
+//! degrades that one request to sequential.
+
+use std::fmt;
+#[cfg(feature = "time")]
+use std::time::Duration;
+
+#[cfg(feature = "adaptive")]
+pub use self::adaptive::Adaptive;
+
+/// When the fallback call starts, relative to the primary's.
+///
+/// Set with [`Fallback::launch`](crate::Fallback::launch) or
+/// [`FallbackLayer::launch`](crate::FallbackLayer::launch). The policies that wait use
+/// tokio's timer and need the `time` feature (on by default) and a tokio runtime with
+/// time enabled.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub enum Launch {
+    /// Start the fallback together with the primary. The default.
+    ///
+    /// Costs one fallback call per request whose primary does not answer on its first
+    /// poll; a miss costs the slower of the two branches.
+    #[default]
+    Concurrent,
+    /// Start the fallback only after the primary's answer was rejected.
+    ///
+    /// No extra load on the fallback; a miss costs both latencies, one after the other.
+    Sequential,
+    /// Start the fallback once the primary has been pending for this long, or at once
+    /// if the primary is rejected sooner.
+    ///
+    /// Extra load is one call per request whose primary takes longer than the delay;
+    /// choosing the delay at the primary's p95 latency costs about 5% extra load.
+    #[cfg(feature = "time")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
+    Delayed(Duration),
+    /// Like [`Launch::Delayed`], with the delay following a percentile of the
+    /// primary's recent latency. See [`Adaptive`].
+    #[cfg(feature = "adaptive")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "adaptive")))]
+    Adaptive(Adaptive),
+}
+
+/// Decides whether a request may start its fallback speculatively.
+///
+/// Requests it refuses are served sequentially: their fallback starts only after the
+/// primary is rejected. Implemented for every `Fn(&Req) -> bool`.
+///
+/// ```
+/// # #[cfg(feature = "time")] {
+/// use std::convert::Infallible;
+/// use tower::service_fn;
+/// use tower_backstop::FallbackLayer;
+///
+/// #[derive(Clone)]
+/// enum Op { Read(u32), Write(u32) }
+///
+/// let db = service_fn(|_op: Op| async { Ok::<_, Infallible>(()) });
+/// // Only reads are safe to run twice.
+/// let layer = FallbackLayer::new(db).speculate_if(|op: &Op| matches!(op, Op::Read(_)));
+/// # let _ = layer; }
+/// ```
+pub trait Eligible<Req> {
+    /// Returns `true` if `req` may start its fallback before the primary is rejected.
+    fn eligible(&self, req: &Req) -> bool;
+}
+
+impl<Req, F> Eligible<Req> for F
+where
+    F: Fn(&Req) -> bool,
+{
+    fn eligible(&self, req: &Req) -> bool {
+        self(req)
+    }
+}
+
+/// Lets every request speculate: the default [`Eligible`] predicate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnyRequest;
+
+impl<Req> Eligible<Req> for AnyRequest {
+    fn eligible(&self, _req: &Req) -> bool {
+        true
+    }
+}
+
+#[cfg(feature = "budget")]
+pub(crate) type SharedBudget = std::sync::Arc<dyn tower::retry::budget::Budget + Send + Sync>;
+
+/// Launch settings shared by a layer and every service it builds.
+#[derive(Clone, Default)]
+pub(crate) struct Settings {
+    pub(crate) launch: Launch,
+    #[cfg(feature = "budget")]
+    pub(crate) budget: Option<SharedBudget>,
+    #[cfg(feature = "time")]
+    pub(crate) patience: Option<Duration>,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = f.debug_struct("Settings");
+        s.field("launch", &self.launch);
+        #[cfg(feature = "budget")]
+        s.field("budget", &self.budget.as_ref().map(|_| "Budget"));
+        #[cfg(feature = "time")]
+        s.field("patience", &self.patience);
+        s.finish()
+    }
+}
+
+impl Settings {
+    /// Plans one request: called once per request, in `call`.
+    pub(crate) fn plan(&self, eligible: bool) -> Speculation {
+        #[cfg(feature = "budget")]
+        if let Some(budget) = &self.budget {
+            budget.deposit();
+        }
+        #[cfg(feature = "adaptive")]
+        let mut estimate = None;
+        let plan = if !eligible {
+            Plan::OnReject
+        } else {
+            match &self.launch {
+                Launch::Concurrent => Plan::Now,
+                Launch::Sequential => Plan::OnReject,
+                #[cfg(feature = "time")]
+                Launch::Delayed(delay) => Plan::At(tokio::time::Instant::now() + *delay),
+                #[cfg(feature = "adaptive")]
+                Launch::Adaptive(adaptive) => {
+                    let now = tokio::time::Instant::now();
+                    estimate = Some(adaptive::Sampler::new(adaptive.clone(), now));
+                    Plan::At(now + adaptive.delay())
+                }
+            }
+        };
+        Speculation {
+            plan,
+            launched: false,
+            #[cfg(feature = "budget")]
+            budget: match plan {
+                // Only a request that may speculate needs the budget later.
+                Plan::OnReject => None,
+                _ => self.budget.clone(),
+            },
+            #[cfg(feature = "time")]
+            patience: self.patience,
+            #[cfg(feature = "adaptive")]
+            estimate,
+        }
+    }
+}
+
+/// When one request's fallback may start speculatively.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// On the first poll that finds the primary pending.
+    Now,
+    /// Once the primary has been pending until this instant.
+    #[cfg(feature = "time")]
+    At(tokio::time::Instant),
+    /// Never speculatively: only after the primary is rejected.
+    OnReject,
+}
+
+/// One request's launch state, carried in its response future.
+pub(crate) struct Speculation {
+    pub(crate) plan: Plan,
+    /// Whether the fallback has been launched (it may still be waiting for readiness).
+    pub(crate) launched: bool,
+    #[cfg(feature = "budget")]
+    budget: Option<SharedBudget>,
+    #[cfg(feature = "time")]
+    pub(crate) patience: Option<Duration>,
+    #[cfg(feature = "adaptive")]
+    estimate: Option<adaptive::Sampler>,
+}
+
+impl Speculation {
+    /// Asks the budget for one speculative launch. On refusal the request is degraded to
+    /// sequential, so it is asked at most once.
+    pub(crate) fn withdraw(&mut self) -> bool {
+        #[cfg(feature = "budget")]
+        if let Some(budget) = self.budget.take() {
+            if !budget.withdraw() {
+                self.plan = Plan::OnReject;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The primary answered: its latency is a full sample.
+    pub(crate) fn primary_answered(&mut self) {
+        #[cfg(feature = "adaptive")]
+        if let Some(estimate) = self.estimate.take() {
+            estimate.record();
+        }
+    }
+
+    /// The primary was dropped unanswered: its latency so far is only a lower bound.
+    /// Leaving such calls out would bias the estimate towards the fast answers.
+    pub(crate) fn primary_cut_short(&mut self) {
+        #[cfg(feature = "adaptive")]
+        if let Some(estimate) = self.estimate.take() {
+            estimate.record_at_least();
+        }
+    }
+}
+
+impl Drop for Speculation {
+    fn drop(&mut self) {
+        // A response future dropped while its primary was pending (the caller gave up,
+        // or a timeout fired) cut the primary short.
+        self.primary_cut_short();
+    }
+}
+
+impl fmt::Debug for Speculation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Speculation")
+            .field("plan", &self.plan)
+            .field("launched", &self.launched)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The timer a response future waits on: a launch delay, then the patience bound.
+#[cfg(feature = "time")]
+pub(crate) type Timer = tokio::time::Sleep;
+
+/// Without the `time` feature nothing waits: the timer cannot exist.
+#[cfg(not(feature = "time"))]
+#[derive(Debug)]
+pub(crate) enum Timer {}
+
+#[cfg(not(feature = "time"))]
+impl std::future::Future for Timer {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        match *self {}
+    }
+}
+
+#[cfg(feature = "adaptive")]
+mod adaptive;
