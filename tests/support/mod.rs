@@ -65,6 +65,8 @@ pub struct Counts {
     pub completed: AtomicUsize,
     pub dropped_in_flight: AtomicUsize,
     pub clones_alive: AtomicUsize,
+    /// When each call was started, in order (tokio's clock, so exact when paused).
+    pub started_at: std::sync::Mutex<Vec<tokio::time::Instant>>,
 }
 
 impl Counts {
@@ -82,6 +84,15 @@ impl Counts {
     }
     pub fn alive(&self) -> usize {
         self.clones_alive.load(SeqCst)
+    }
+    /// When each call started at or after `origin`, as offsets from it.
+    pub fn starts_since(&self, origin: tokio::time::Instant) -> Vec<Duration> {
+        let starts = self.started_at.lock().unwrap();
+        starts
+            .iter()
+            .filter(|t| **t >= origin)
+            .map(|t| t.duration_since(origin))
+            .collect()
     }
     /// Calls that were started and have neither completed nor been dropped.
     pub fn in_flight(&self) -> usize {
@@ -169,6 +180,8 @@ impl Service<u64> for Probe {
             self.name
         );
         self.counts.started.fetch_add(1, SeqCst);
+        let now = tokio::time::Instant::now();
+        self.counts.started_at.lock().unwrap().push(now);
         let (latency, reply) = (self.script)(key);
         let name = self.name;
         let guard = FlightGuard {
@@ -231,3 +244,6 @@ pub async fn poll_once<F: Future + Unpin>(fut: &mut F) -> Poll<F::Output> {
 
 /// Shorthand for an `Infallible` service stack's result type.
 pub type InfallibleResult<T> = Result<T, Infallible>;
+
+/// The counters of a probe, kept after the probe moved into a service.
+pub type CountsRef = Arc<Counts>;
