@@ -3,6 +3,7 @@
 use crate::{
     accept::Accept,
     launch::{Plan, Speculation, Timer},
+    outcome::Served,
 };
 use pin_project_lite::pin_project;
 use std::{
@@ -100,6 +101,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        #[cfg(feature = "tracing")]
+        let span = this.speculation.tracker.span();
+        #[cfg(feature = "tracing")]
+        let _entered = span.as_ref().map(tracing::Span::enter);
 
         // The primary is polled first so that an answer it already has is judged before
         // the fallback is started at all.
@@ -111,15 +116,22 @@ where
                 this.speculation.primary_answered();
                 // Neither a launch delay nor the patience bound applies any more.
                 this.timer.set(None);
-                if this.accept.accept(&result) {
+                let accepted = this.accept.accept(&result);
+                this.speculation.tracker.primary_answered(accepted);
+                if accepted {
                     // Drop the fallback — its readiness, its future or its held answer —
                     // before the response is handed back.
+                    this.speculation.tracker.finish(Served::Primary);
                     this.fallback.set(Branch::Done);
                     return Poll::Ready(result);
                 }
                 // Rejected: the fallback starts now if it has not yet, whatever the
                 // policy and the budget say. This launch is not speculative.
-                this.speculation.launched = true;
+                if !this.speculation.launched {
+                    this.speculation.launched = true;
+                    let why = this.speculation.plan.reason(false);
+                    this.speculation.tracker.launched(why);
+                }
             }
         }
         let primary_pending = this.primary.is_some();
@@ -127,13 +139,17 @@ where
         if primary_pending && !this.speculation.launched {
             match this.speculation.plan {
                 Plan::Now => {}
-                Plan::OnReject => return Poll::Pending,
+                Plan::OnReject(_) => return Poll::Pending,
                 #[cfg(feature = "time")]
-                Plan::At(deadline) => {
+                Plan::At(deadline, _) => {
                     if this.timer.is_none() {
                         this.timer.set(Some(tokio::time::sleep_until(deadline)));
                     }
-                    let timer = this.timer.as_mut().as_pin_mut().expect("timer was just set");
+                    let timer = this
+                        .timer
+                        .as_mut()
+                        .as_pin_mut()
+                        .expect("timer was just set");
                     if timer.poll(cx).is_pending() {
                         return Poll::Pending;
                     }
@@ -146,6 +162,8 @@ where
                 return Poll::Pending;
             }
             this.speculation.launched = true;
+            let why = this.speculation.plan.reason(true);
+            this.speculation.tracker.launched(why);
         }
 
         loop {
@@ -155,11 +173,14 @@ where
                         let req = req.take().expect("request is present until called");
                         let fut = svc.call(req);
                         this.fallback.set(Branch::Called { fut });
+                        this.speculation.tracker.called();
                     }
                     // A readiness error is the fallback's answer, served only if it is
                     // needed, like any other fallback error.
                     Poll::Ready(Err(error)) => {
+                        this.speculation.tracker.fallback_answered(primary_pending);
                         if !primary_pending {
+                            this.speculation.tracker.finish(Served::Fallback);
                             this.fallback.set(Branch::Done);
                             return Poll::Ready(Err(error));
                         }
@@ -174,7 +195,9 @@ where
                         Poll::Ready(result) => result,
                         Poll::Pending => return Poll::Pending,
                     };
+                    this.speculation.tracker.fallback_answered(primary_pending);
                     if !primary_pending {
+                        this.speculation.tracker.finish(Served::Fallback);
                         this.fallback.set(Branch::Done);
                         return Poll::Ready(result);
                     }
@@ -203,6 +226,7 @@ where
                         this.speculation.primary_cut_short();
                     }
                     let result = result.take().expect("answer is held until handed out");
+                    this.speculation.tracker.finish(Served::Fallback);
                     this.fallback.set(Branch::Done);
                     return Poll::Ready(result);
                 }

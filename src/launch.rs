@@ -21,6 +21,7 @@
 //! into it and every speculative launch withdraws from it; a refused withdrawal
 //! degrades that one request to sequential.
 
+use crate::outcome::{Observers, Tracker};
 use std::fmt;
 #[cfg(feature = "time")]
 use std::time::Duration;
@@ -60,6 +61,36 @@ pub enum Launch {
     #[cfg(feature = "adaptive")]
     #[cfg_attr(docsrs, doc(cfg(feature = "adaptive")))]
     Adaptive(Adaptive),
+}
+
+/// Why a request's fallback started when it did, as reported in an
+/// [`Outcome`](crate::outcome::Outcome).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Launched {
+    /// Speculatively, with the primary ([`Launch::Concurrent`]).
+    Concurrent,
+    /// Speculatively, once the primary had been pending for the configured delay.
+    Delayed,
+    /// Speculatively, once the primary had been pending for the adaptive delay.
+    Adaptive,
+    /// After the primary was rejected: the policy is [`Launch::Sequential`], or the
+    /// primary was rejected before a delay ran out.
+    AfterRejection,
+    /// After the primary was rejected, because the budget refused a speculative launch.
+    BudgetRefused,
+    /// After the primary was rejected, because the request was not [`Eligible`].
+    NotEligible,
+}
+
+impl Launched {
+    /// Whether the launch came before the primary was rejected, and so was extra load.
+    pub fn is_speculative(self) -> bool {
+        matches!(
+            self,
+            Launched::Concurrent | Launched::Delayed | Launched::Adaptive
+        )
+    }
 }
 
 /// Decides whether a request may start its fallback speculatively.
@@ -116,6 +147,7 @@ pub(crate) struct Settings {
     pub(crate) budget: Option<SharedBudget>,
     #[cfg(feature = "time")]
     pub(crate) patience: Option<Duration>,
+    pub(crate) observers: Observers,
 }
 
 impl fmt::Debug for Settings {
@@ -126,6 +158,7 @@ impl fmt::Debug for Settings {
         s.field("budget", &self.budget.as_ref().map(|_| "Budget"));
         #[cfg(feature = "time")]
         s.field("patience", &self.patience);
+        s.field("observers", &self.observers);
         s.finish()
     }
 }
@@ -140,28 +173,31 @@ impl Settings {
         #[cfg(feature = "adaptive")]
         let mut estimate = None;
         let plan = if !eligible {
-            Plan::OnReject
+            Plan::OnReject(Launched::NotEligible)
         } else {
             match &self.launch {
                 Launch::Concurrent => Plan::Now,
-                Launch::Sequential => Plan::OnReject,
+                Launch::Sequential => Plan::OnReject(Launched::AfterRejection),
                 #[cfg(feature = "time")]
-                Launch::Delayed(delay) => Plan::At(tokio::time::Instant::now() + *delay),
+                Launch::Delayed(delay) => {
+                    Plan::At(tokio::time::Instant::now() + *delay, Launched::Delayed)
+                }
                 #[cfg(feature = "adaptive")]
                 Launch::Adaptive(adaptive) => {
                     let now = tokio::time::Instant::now();
                     estimate = Some(adaptive::Sampler::new(adaptive.clone(), now));
-                    Plan::At(now + adaptive.delay())
+                    Plan::At(now + adaptive.delay(), Launched::Adaptive)
                 }
             }
         };
         Speculation {
             plan,
             launched: false,
+            tracker: Tracker::new(&self.observers),
             #[cfg(feature = "budget")]
             budget: match plan {
                 // Only a request that may speculate needs the budget later.
-                Plan::OnReject => None,
+                Plan::OnReject(_) => None,
                 _ => self.budget.clone(),
             },
             #[cfg(feature = "time")]
@@ -177,11 +213,25 @@ impl Settings {
 pub(crate) enum Plan {
     /// On the first poll that finds the primary pending.
     Now,
-    /// Once the primary has been pending until this instant.
+    /// Once the primary has been pending until this instant (for this reason).
     #[cfg(feature = "time")]
-    At(tokio::time::Instant),
-    /// Never speculatively: only after the primary is rejected.
-    OnReject,
+    At(tokio::time::Instant, Launched),
+    /// Never speculatively: only after the primary is rejected (for this reason).
+    OnReject(Launched),
+}
+
+impl Plan {
+    /// The reason a launch made now would be reported with.
+    pub(crate) fn reason(self, primary_pending: bool) -> Launched {
+        match self {
+            Plan::OnReject(why) => why,
+            // A speculative plan overtaken by the primary's rejection.
+            _ if !primary_pending => Launched::AfterRejection,
+            Plan::Now => Launched::Concurrent,
+            #[cfg(feature = "time")]
+            Plan::At(_, why) => why,
+        }
+    }
 }
 
 /// One request's launch state, carried in its response future.
@@ -189,6 +239,8 @@ pub(crate) struct Speculation {
     pub(crate) plan: Plan,
     /// Whether the fallback has been launched (it may still be waiting for readiness).
     pub(crate) launched: bool,
+    /// What the outcome observers will be told.
+    pub(crate) tracker: Tracker,
     #[cfg(feature = "budget")]
     budget: Option<SharedBudget>,
     #[cfg(feature = "time")]
@@ -204,7 +256,8 @@ impl Speculation {
         #[cfg(feature = "budget")]
         if let Some(budget) = self.budget.take() {
             if !budget.withdraw() {
-                self.plan = Plan::OnReject;
+                self.plan = Plan::OnReject(Launched::BudgetRefused);
+                self.tracker.budget_refused();
                 return false;
             }
         }
@@ -242,6 +295,7 @@ impl fmt::Debug for Speculation {
         f.debug_struct("Speculation")
             .field("plan", &self.plan)
             .field("launched", &self.launched)
+            .field("tracker", &self.tracker)
             .finish_non_exhaustive()
     }
 }

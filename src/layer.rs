@@ -102,6 +102,25 @@ impl<F, A, E> FallbackLayer<F, A, E> {
     }
 }
 
+impl<F, A, E> FallbackLayer<F, A, E> {
+    /// Calls `hook` with the outcome of every request finished by any service this
+    /// layer builds. Default: no hook. See [`Fallback::on_outcome`].
+    pub fn on_outcome<H>(mut self, hook: H) -> Self
+    where
+        H: Fn(&crate::outcome::Outcome) + Send + Sync + 'static,
+    {
+        self.settings.observers.hook = Some(std::sync::Arc::new(hook));
+        self
+    }
+
+    /// Counts the outcomes of every service this layer builds into `stats`.
+    /// Default: no counting. See [`Fallback::stats`].
+    pub fn stats(mut self, stats: crate::outcome::Stats) -> Self {
+        self.settings.observers.stats = Some(stats);
+        self
+    }
+}
+
 impl<P, F, A, E> Layer<P> for FallbackLayer<F, A, E>
 where
     F: Clone,

@@ -72,6 +72,7 @@ pub mod accept;
 pub mod future;
 pub mod launch;
 mod layer;
+pub mod outcome;
 mod service;
 
 pub use crate::{layer::FallbackLayer, service::Fallback};

@@ -169,6 +169,27 @@ impl<P, F, A, E> Fallback<P, F, A, E> {
         self
     }
 
+    /// Calls `hook` with the [`Outcome`](crate::outcome::Outcome) of every request this
+    /// service (or a clone) finishes, abandoned ones included. Default: no hook.
+    ///
+    /// The hook runs inside the response future's `poll` (or its drop, for an abandoned
+    /// request), so it should be quick and must not panic. Without a hook, stats handle
+    /// or `tracing` subscriber, nothing is timed or counted.
+    pub fn on_outcome<H>(mut self, hook: H) -> Self
+    where
+        H: Fn(&crate::outcome::Outcome) + Send + Sync + 'static,
+    {
+        self.settings.observers.hook = Some(std::sync::Arc::new(hook));
+        self
+    }
+
+    /// Counts every request's outcome into `stats`, a shared handle that can be read
+    /// anywhere. Default: no counting.
+    pub fn stats(mut self, stats: crate::outcome::Stats) -> Self {
+        self.settings.observers.stats = Some(stats);
+        self
+    }
+
     /// Returns a reference to the primary service.
     pub fn get_ref(&self) -> &P {
         &self.primary

@@ -157,7 +157,9 @@ impl Adaptive {
             since_estimate,
         } = &mut *recorder;
 
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
+        let micros = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         current.saturating_record(micros);
         *since_estimate += 1;
 
@@ -167,8 +169,7 @@ impl Adaptive {
             current.reset();
         }
         // Re-estimate a few times per half-window: the quantile walks every bucket.
-        if *since_estimate >= (half / 4).max(1) && current.len() + previous.len() >= e.min_samples
-        {
+        if *since_estimate >= (half / 4).max(1) && current.len() + previous.len() >= e.min_samples {
             *since_estimate = 0;
             scratch.reset();
             // The three histograms share their bounds, so adding cannot fail.

@@ -1,0 +1,331 @@
+//! Outcomes: every fate of the fallback and every launch reason is reported, abandoned
+//! requests too, with exact latencies on tokio's paused clock; the shared counters add
+//! up across clones.
+#![cfg(feature = "time")]
+
+mod support;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use support::{hit, Probe, Reply};
+use tower::{Service, ServiceExt};
+use tower_backstop::{
+    launch::{Launch, Launched},
+    outcome::{Fate, Outcome, Served, Snapshot, Stats, Verdict},
+    Fallback,
+};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Collects the outcomes a service reports.
+#[derive(Clone, Default)]
+struct Outcomes(Arc<Mutex<Vec<Outcome>>>);
+
+impl Outcomes {
+    fn hook(&self) -> impl Fn(&Outcome) + Send + Sync + 'static {
+        let seen = self.0.clone();
+        move |o: &Outcome| seen.lock().unwrap().push(o.clone())
+    }
+    fn take(&self) -> Vec<Outcome> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+    fn only(&self) -> Outcome {
+        let mut all = self.take();
+        assert_eq!(all.len(), 1, "{all:?}");
+        all.pop().unwrap()
+    }
+}
+
+/// Runs one request through `cache` and `db` under `launch` and returns its outcome.
+async fn outcome_of(cache: Probe, db: Probe, launch: Launch) -> Outcome {
+    let outcomes = Outcomes::default();
+    let svc = Fallback::new(cache, db)
+        .accept(hit)
+        .launch(launch)
+        .on_outcome(outcomes.hook());
+    let _ = svc.oneshot(1).await;
+    outcomes.only()
+}
+
+#[tokio::test(start_paused = true)]
+async fn hit_with_the_fallback_dropped_in_flight() {
+    let o = outcome_of(
+        Probe::fixed("cache", 2, Reply::Value(1)),
+        Probe::fixed("db", 10, Reply::Value(2)),
+        Launch::Concurrent,
+    )
+    .await;
+    assert_eq!(o.served, Served::Primary);
+    assert_eq!(o.primary, Verdict::Accepted);
+    assert_eq!(o.fallback, Fate::DroppedInFlight);
+    assert_eq!(o.launched, Some(Launched::Concurrent));
+    assert_eq!((o.primary_latency, o.fallback_latency), (Some(ms(2)), None));
+    assert_eq!(o.elapsed, ms(2));
+    assert!(!o.fallback_first && !o.budget_refused);
+}
+
+#[tokio::test(start_paused = true)]
+async fn hit_after_the_fallback_finished_is_wasted_work() {
+    let o = outcome_of(
+        Probe::fixed("cache", 12, Reply::Value(1)),
+        Probe::fixed("db", 5, Reply::Value(2)),
+        Launch::Concurrent,
+    )
+    .await;
+    assert_eq!((o.served, o.fallback), (Served::Primary, Fate::Discarded));
+    assert_eq!(
+        (o.primary_latency, o.fallback_latency),
+        (Some(ms(12)), Some(ms(5)))
+    );
+    assert!(o.fallback_first);
+}
+
+#[tokio::test(start_paused = true)]
+async fn hit_before_the_delay_never_launches() {
+    let o = outcome_of(
+        Probe::fixed("cache", 3, Reply::Value(1)),
+        Probe::fixed("db", 5, Reply::Value(2)),
+        Launch::Delayed(ms(5)),
+    )
+    .await;
+    assert_eq!(
+        (o.served, o.fallback, o.launched),
+        (Served::Primary, Fate::NotLaunched, None)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn hit_while_the_fallback_waits_for_readiness() {
+    let o = outcome_of(
+        Probe::fixed("cache", 3, Reply::Value(1)),
+        Probe::fixed("db", 5, Reply::Value(2)).never_ready(),
+        Launch::Concurrent,
+    )
+    .await;
+    assert_eq!(
+        (o.served, o.fallback),
+        (Served::Primary, Fate::DroppedBeforeReady)
+    );
+    assert_eq!(o.launched, Some(Launched::Concurrent));
+}
+
+#[tokio::test(start_paused = true)]
+async fn miss_served_by_the_fallback() {
+    let o = outcome_of(
+        Probe::fixed("cache", 3, Reply::Empty),
+        Probe::fixed("db", 10, Reply::Value(2)),
+        Launch::Concurrent,
+    )
+    .await;
+    assert_eq!(o.served, Served::Fallback);
+    assert_eq!((o.primary, o.fallback), (Verdict::Rejected, Fate::Served));
+    assert_eq!(
+        (o.primary_latency, o.fallback_latency),
+        (Some(ms(3)), Some(ms(10)))
+    );
+    assert_eq!(o.elapsed, ms(10));
+    assert!(!o.fallback_first);
+}
+
+#[tokio::test(start_paused = true)]
+async fn launch_reasons() {
+    let miss = || Probe::fixed("cache", 6, Reply::Empty);
+    let db = || Probe::fixed("db", 10, Reply::Value(2));
+
+    let o = outcome_of(miss(), db(), Launch::Delayed(ms(4))).await;
+    assert_eq!(o.launched, Some(Launched::Delayed));
+    assert_eq!((o.fallback_latency, o.elapsed), (Some(ms(10)), ms(14)));
+
+    let o = outcome_of(miss(), db(), Launch::Delayed(ms(8))).await;
+    assert_eq!(
+        o.launched,
+        Some(Launched::AfterRejection),
+        "rejected before the delay"
+    );
+
+    let o = outcome_of(miss(), db(), Launch::Sequential).await;
+    assert_eq!(o.launched, Some(Launched::AfterRejection));
+    assert_eq!((o.fallback_latency, o.elapsed), (Some(ms(10)), ms(16)));
+
+    let outcomes = Outcomes::default();
+    let svc = Fallback::new(miss(), db())
+        .accept(hit)
+        .speculate_if(|_: &u64| false)
+        .on_outcome(outcomes.hook());
+    svc.oneshot(1).await.unwrap();
+    assert_eq!(outcomes.only().launched, Some(Launched::NotEligible));
+    assert!(Launched::Concurrent.is_speculative() && !Launched::NotEligible.is_speculative());
+}
+
+#[cfg(feature = "adaptive")]
+#[tokio::test(start_paused = true)]
+async fn adaptive_launch_reason() {
+    use tower_backstop::launch::Adaptive;
+    let o = outcome_of(
+        Probe::fixed("cache", 6, Reply::Empty),
+        Probe::fixed("db", 10, Reply::Value(2)),
+        Launch::Adaptive(Adaptive::new(0.9, ms(2))),
+    )
+    .await;
+    assert_eq!(o.launched, Some(Launched::Adaptive));
+    assert_eq!(o.elapsed, ms(12));
+}
+
+#[cfg(feature = "budget")]
+#[tokio::test(start_paused = true)]
+async fn budget_refusal_is_reported_and_counted() {
+    use tower::retry::budget::TpsBudget;
+    let outcomes = Outcomes::default();
+    let stats = Stats::new();
+    let svc = Fallback::new(
+        Probe::fixed("cache", 6, Reply::Empty),
+        Probe::fixed("db", 10, Reply::Value(2)),
+    )
+    .accept(hit)
+    .budget(TpsBudget::new(Duration::from_secs(1), 0, 0.0))
+    .stats(stats.clone())
+    .on_outcome(outcomes.hook());
+    svc.oneshot(1).await.unwrap();
+    let o = outcomes.only();
+    assert_eq!(o.launched, Some(Launched::BudgetRefused));
+    assert!(o.budget_refused);
+    assert_eq!(o.elapsed, ms(16));
+    let s = stats.snapshot();
+    assert_eq!((s.budget_refusals, s.speculative_launches), (1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn patience_reports_a_pending_primary() {
+    let outcomes = Outcomes::default();
+    let svc = Fallback::new(
+        Probe::fixed("cache", 50, Reply::Value(1)),
+        Probe::fixed("db", 5, Reply::Value(2)),
+    )
+    .accept(hit)
+    .patience(ms(10))
+    .on_outcome(outcomes.hook());
+    svc.oneshot(1).await.unwrap();
+    let o = outcomes.only();
+    assert_eq!(o.served, Served::Fallback);
+    assert_eq!((o.primary, o.fallback), (Verdict::Pending, Fate::Served));
+    assert_eq!((o.primary_latency, o.elapsed), (None, ms(15)));
+    assert!(o.fallback_first);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_request_is_reported_when_dropped() {
+    let outcomes = Outcomes::default();
+    let mut svc = Fallback::new(
+        Probe::fixed("cache", 50, Reply::Value(1)),
+        Probe::fixed("db", 40, Reply::Value(2)),
+    )
+    .accept(hit)
+    .on_outcome(outcomes.hook());
+
+    let timed_out = tokio::time::timeout(ms(20), svc.ready().await.unwrap().call(1)).await;
+    assert!(timed_out.is_err());
+    let o = outcomes.only();
+    assert_eq!(o.served, Served::Abandoned);
+    assert_eq!(
+        (o.primary, o.fallback),
+        (Verdict::Pending, Fate::DroppedInFlight)
+    );
+    assert_eq!(o.elapsed, ms(20));
+
+    // Abandoned after the primary's rejection, while waiting for the fallback.
+    let svc = Fallback::new(
+        Probe::fixed("cache", 5, Reply::Empty),
+        Probe::fixed("db", 40, Reply::Value(2)),
+    )
+    .accept(hit)
+    .on_outcome(outcomes.hook());
+    assert!(tokio::time::timeout(ms(20), svc.oneshot(1)).await.is_err());
+    let o = outcomes.only();
+    assert_eq!(
+        (o.served, o.primary),
+        (Served::Abandoned, Verdict::Rejected)
+    );
+
+    // A future dropped before its first poll is reported too, exactly once.
+    let mut svc = Fallback::new(
+        Probe::fixed("cache", 5, Reply::Empty),
+        Probe::fixed("db", 40, Reply::Value(2)),
+    )
+    .on_outcome(outcomes.hook());
+    drop(svc.call(1));
+    let o = outcomes.only();
+    assert_eq!(
+        (o.served, o.fallback),
+        (Served::Abandoned, Fate::NotLaunched)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_add_up_across_clones_and_a_layer() {
+    use tower::Layer;
+    use tower_backstop::FallbackLayer;
+
+    // Keys 0..4 hit fast; 4..6 hit slowly, after the database finished (wasted);
+    // 6..10 miss.
+    let cache = Probe::new("cache", |key| match key {
+        0..=3 => (ms(2), Reply::Value(key)),
+        4..=5 => (ms(20), Reply::Value(key)),
+        _ => (ms(3), Reply::Empty),
+    });
+    let stats = Stats::new();
+    let layer = FallbackLayer::new(Probe::fixed("db", 10, Reply::Value(0)))
+        .accept(hit)
+        .stats(stats.clone());
+    let svc = layer.layer(cache);
+
+    let tasks: Vec<_> = (0..10)
+        .map(|key| tokio::spawn(svc.clone().oneshot(key)))
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let s: Snapshot = stats.snapshot();
+    assert_eq!(
+        (
+            s.requests,
+            s.served_by_primary,
+            s.served_by_fallback,
+            s.abandoned
+        ),
+        (10, 6, 4, 0)
+    );
+    assert_eq!(
+        (
+            s.fallback_launches,
+            s.speculative_launches,
+            s.budget_refusals
+        ),
+        (10, 10, 0)
+    );
+    assert_eq!(
+        (s.fallbacks_cancelled, s.fallbacks_wasted, s.fallback_first),
+        (4, 2, 2)
+    );
+    assert!(stats
+        .snapshot()
+        .to_string()
+        .starts_with("10 requests: 6 by primary"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_observed_without_observers() {
+    // The Debug output shows whether a request is being tracked.
+    let mut svc = Fallback::new(
+        Probe::fixed("cache", 5, Reply::Empty),
+        Probe::fixed("db", 40, Reply::Value(2)),
+    );
+    let fut = svc.call(1);
+    assert!(format!("{fut:?}").contains("observed: false"), "{fut:?}");
+    let mut svc = svc.stats(Stats::new());
+    let fut = svc.call(1);
+    assert!(format!("{fut:?}").contains("observed: true"), "{fut:?}");
+}

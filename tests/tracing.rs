@@ -1,0 +1,118 @@
+//! The `tracing` feature: one debug-level span per request carrying the outcome's
+//! fields, a debug event when it finishes, and nothing at info level or above.
+#![cfg(all(feature = "tracing", feature = "time"))]
+
+mod support;
+
+use std::{
+    fmt::Debug,
+    sync::{
+        atomic::{AtomicU64, Ordering::SeqCst},
+        Arc, Mutex,
+    },
+};
+use support::{hit, Probe, Reply};
+use tower::ServiceExt;
+use tower_backstop::Fallback;
+use tracing::{
+    field::{Field, Visit},
+    span, Event, Level, Metadata, Subscriber,
+};
+
+/// What the capturing subscriber saw.
+#[derive(Default, Debug)]
+struct Seen {
+    spans: Vec<(String, Level)>,
+    fields: Vec<(String, String)>,
+    events: Vec<(Level, Vec<(String, String)>)>,
+}
+
+#[derive(Clone, Default)]
+struct Capture {
+    seen: Arc<Mutex<Seen>>,
+    next_id: Arc<AtomicU64>,
+}
+
+struct Fields(Vec<(String, String)>);
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+        self.0
+            .push((field.name().to_string(), format!("{value:?}")));
+    }
+}
+
+impl Subscriber for Capture {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, span: &span::Attributes<'_>) -> span::Id {
+        let meta = span.metadata();
+        let mut seen = self.seen.lock().unwrap();
+        seen.spans.push((meta.name().to_string(), *meta.level()));
+        span::Id::from_u64(self.next_id.fetch_add(1, SeqCst) + 1)
+    }
+    fn record(&self, _: &span::Id, values: &span::Record<'_>) {
+        let mut fields = Fields(Vec::new());
+        values.record(&mut fields);
+        self.seen.lock().unwrap().fields.extend(fields.0);
+    }
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+    fn event(&self, event: &Event<'_>) {
+        let mut fields = Fields(Vec::new());
+        event.record(&mut fields);
+        let level = *event.metadata().level();
+        self.seen.lock().unwrap().events.push((level, fields.0));
+    }
+    fn enter(&self, _: &span::Id) {}
+    fn exit(&self, _: &span::Id) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_debug_span_per_request_with_the_outcome() {
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+
+    let svc = Fallback::new(
+        Probe::fixed("cache", 3, Reply::Empty),
+        Probe::fixed("db", 10, Reply::Value(2)),
+    )
+    .accept(hit);
+    svc.clone().oneshot(1).await.unwrap();
+
+    let seen = capture.seen.lock().unwrap();
+    assert_eq!(seen.spans, vec![("backstop".to_string(), Level::DEBUG)]);
+    let field = |name: &str| {
+        seen.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(field("served").as_deref(), Some("Fallback"));
+    assert_eq!(field("primary").as_deref(), Some("Rejected"));
+    assert_eq!(field("fallback").as_deref(), Some("Served"));
+    assert_eq!(field("launched").as_deref(), Some("Concurrent"));
+    assert_eq!(field("primary_latency_us").as_deref(), Some("3000"));
+    assert_eq!(field("fallback_latency_us").as_deref(), Some("10000"));
+
+    assert_eq!(seen.events.len(), 1);
+    let (level, fields) = &seen.events[0];
+    assert_eq!(*level, Level::DEBUG);
+    assert!(fields.contains(&("message".into(), "request finished".into())));
+    assert!(
+        seen.events.iter().all(|(level, _)| *level > Level::INFO),
+        "nothing at info or above: {:?}",
+        seen.events
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_span_without_a_subscriber() {
+    // With no subscriber, no request is tracked at all.
+    let mut svc = Fallback::new(
+        Probe::fixed("cache", 3, Reply::Empty),
+        Probe::fixed("db", 10, Reply::Value(2)),
+    );
+    let fut = tower::Service::call(&mut svc, 1);
+    assert!(format!("{fut:?}").contains("observed: false"));
+}
