@@ -35,7 +35,7 @@ use std::{
 };
 use tokio::time::sleep;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
-use tower_backstop::FallbackLayer;
+use tower_backstop::{outcome::Stats, FallbackLayer};
 
 /// The keys requested, in order.
 const KEYS: std::ops::RangeInclusive<u64> = 1..=16;
@@ -140,11 +140,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
         })
     };
 
-    // Serve the cache's answer if it has the row; otherwise the database's.
+    // Serve the cache's answer if it has the row; otherwise the database's. The layer
+    // counts what it did into `stats`, readable from anywhere.
+    let stats = Stats::new();
     let mut svc = ServiceBuilder::new()
         .layer(
             FallbackLayer::new(db)
-                .accept(|r: &Result<Option<Row>, Infallible>| matches!(r, Ok(Some(_)))),
+                .accept(|r: &Result<Option<Row>, Infallible>| matches!(r, Ok(Some(_))))
+                .stats(stats.clone()),
         )
         .service(cache);
 
@@ -261,6 +264,22 @@ async fn main() -> Result<(), Box<dyn Error>> {
          {layered_completed} completed, {dropped} dropped unfinished"
     );
     println!("              sequential: {seq_started} calls started, {seq_completed} completed");
+    let counts = stats.snapshot();
+    println!(
+        "  layer stats {} requests: {} served by the cache, {} by the database;",
+        counts.requests, counts.served_by_primary, counts.served_by_fallback
+    );
+    println!(
+        "              {} database calls started ({} speculative), {} cancelled, {} wasted;",
+        counts.fallback_launches,
+        counts.speculative_launches,
+        counts.fallbacks_cancelled,
+        counts.fallbacks_wasted
+    );
+    println!(
+        "              the database answered before the cache {} times",
+        counts.fallback_first
+    );
     println!();
     println!("The layer saves the cache's latency on every miss; the price is a database call");
     println!("started, and dropped unfinished, on every hit.");
