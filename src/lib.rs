@@ -23,9 +23,10 @@
 //! the primary has been judged. Which answers count is decided by an
 //! [`Accept`](accept::Accept) predicate, by default [`AcceptOk`](accept::AcceptOk).
 //!
-//! The middleware spawns no task, takes no lock and allocates nothing per request, and
-//! the error type passes through: with two `Infallible` services, the stack stays
-//! `Infallible`, so axum needs no `HandleErrorLayer`.
+//! The middleware spawns no task and allocates nothing per request, takes no lock unless
+//! a feature you turned on needs one, and the error type passes through: with two
+//! `Infallible` services, the stack stays `Infallible`, so axum needs no
+//! `HandleErrorLayer`.
 //!
 //! # Example
 //!
@@ -56,6 +57,23 @@
 //! # }
 //! ```
 //!
+//! # When the fallback starts
+//!
+//! Starting the fallback with every request is extra load on it. The [`launch`] module
+//! offers [`Launch::Sequential`](launch::Launch::Sequential) (no extra load),
+//! `Launch::Delayed` (start once the primary is slower than a fixed delay),
+//! `Launch::Adaptive` (a delay that follows a percentile of the primary's latency), a
+//! budget that caps speculative launches, and a per-request eligibility predicate; its
+//! docs have a table of what each costs and saves.
+//!
+//! # Seeing what it did
+//!
+//! The [`outcome`] module reports, per request, who served it, what became of the
+//! fallback and why it started when it did, and counts all of it in shared [`Stats`]
+//! counters, so you can tell whether the primary is saving latency at all.
+//!
+//! [`Stats`]: outcome::Stats
+//!
 //! # Requirements
 //!
 //! - Both services take the same request type, which must be `Clone`: the primary gets
@@ -63,6 +81,15 @@
 //! - Both services return the same `Response` and `Error` types.
 //! - The fallback must be `Clone`: each response future drives its own clone to
 //!   readiness, so a saturated fallback never holds back the primary.
+//!
+//! # Feature flags
+//!
+//! | feature | default | enables |
+//! |---|---|---|
+//! | `time` | yes | `Launch::Delayed` and `patience`, on tokio's timer (needs a tokio runtime with time enabled) |
+//! | `adaptive` | no | `Launch::Adaptive`, estimating a latency percentile with `hdrhistogram` |
+//! | `budget` | no | `budget`, capping speculative launches with any `tower::retry::budget::Budget` |
+//! | `tracing` | no | a debug-level span per request carrying its outcome |
 //!
 //! # Minimum supported Rust version
 //!
