@@ -90,6 +90,7 @@
 //! | `adaptive` | no | `Launch::Adaptive`, estimating a latency percentile with `hdrhistogram` |
 //! | `budget` | no | `budget`, capping speculative launches with any `tower::retry::budget::Budget` |
 //! | `tracing` | no | a debug-level span per request carrying its outcome |
+//! | `http` | no | the `http` module: request-body buffering so `http::Request`s can be cloned for the fallback, HTTP-status and gRPC-status predicates (axum, hyper, tonic) |
 //!
 //! # Minimum supported Rust version
 //!
@@ -97,6 +98,9 @@
 
 pub mod accept;
 pub mod future;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 pub mod launch;
 mod layer;
 pub mod outcome;

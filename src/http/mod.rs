@@ -1,0 +1,199 @@
+//! HTTP and gRPC: request bodies, status predicates, and how the layer sits in axum,
+//! hyper and tonic stacks.
+//!
+//! A [`Fallback`](crate::Fallback) gives the fallback a clone of each request, and an
+//! `http::Request<B>` is only `Clone` when its body is — a streamed body (axum's,
+//! hyper's, tonic's) is not. [`BufferBody`] (or [`BufferBodyLayer`]) reads the body
+//! into memory first, up to a cap, and calls the fallback service with an
+//! `http::Request<`[`ReplayBody`]`>`, which clones for the price of a reference count:
+//!
+//! ```text
+//! request ──▶ BufferBody ──▶ Fallback ─┬─▶ primary   (Request<ReplayBody>)
+//!   (Request<B>)  reads the body       └─▶ fallback  (a clone of it)
+//! ```
+//!
+//! - Requests without a body (`GET`, `HEAD`, ...) are passed on at once: nothing is read
+//!   or allocated.
+//! - A body over the cap (64 KiB by default) is answered `413 Payload Too Large`
+//!   without calling either branch, refused before it is read when its
+//!   `Content-Length` says so. A body that fails while being read is answered
+//!   `400 Bad Request`. Both are responses, so the error type is not widened: an axum
+//!   stack stays `Infallible`, and needs no `HandleErrorLayer`.
+//!
+//! The [`accept`] module has predicates that judge the primary's answer by its HTTP
+//! status ([`RejectServerErrors`](accept::RejectServerErrors),
+//! [`RejectStatus`](accept::RejectStatus), [`StatusIn`](accept::StatusIn)) or by its
+//! gRPC status ([`GrpcStatus`](accept::GrpcStatus)).
+//!
+//! # axum
+//!
+//! Axum's `Router` and `Route` take requests with any body, so the fallback can be
+//! another router, and one more builder call,
+//! [`buffer_bodies`](crate::FallbackLayer::buffer_bodies), adds the buffering:
+//!
+//! ```
+//! use axum::{body::Body, http::{Request, StatusCode}, routing::get, Router};
+//! use tower::ServiceExt;
+//! use tower_backstop::{http::accept::RejectStatus, FallbackLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // The fallback: here another router; in production often a proxy to another
+//! // service (see "hyper" below).
+//! let origin = Router::new().route("/item/{id}", get(|| async { "from the origin" }));
+//!
+//! let app = Router::new()
+//!     .route("/item/{id}", get(|| async { (StatusCode::NOT_FOUND, "not cached") }))
+//!     .route_layer(
+//!         FallbackLayer::new(origin)
+//!             .accept(RejectStatus(StatusCode::NOT_FOUND))
+//!             .buffer_bodies(),
+//!     );
+//!
+//! let response = app
+//!     .oneshot(Request::get("/item/7").body(Body::empty()).unwrap())
+//!     .await
+//!     .unwrap(); // `Infallible`
+//! assert_eq!(response.status(), StatusCode::OK);
+//! # }
+//! ```
+//!
+//! With `Router::layer` instead of `route_layer`, the layer also wraps the router's own
+//! fallback, so a path this router does not have (its `404`) is sent to the fallback
+//! too. To set the cap, use the layer itself:
+//! `.layer(FallbackLayer::new(origin)).layer(BufferBodyLayer::new().max_bytes(n))` —
+//! axum applies the last layer outermost.
+//!
+//! # hyper and other clients as a branch
+//!
+//! Each branch receives `http::Request<ReplayBody>`. A branch that wants a body type of
+//! its own gets it with tower's `map_request`, *on that branch*, since the clone is
+//! made before it: `svc.map_request(|req: Request<ReplayBody>| req.map(MyBody::new))`.
+//! hyper-util's `Client` takes a `ReplayBody` as it is. It needs an absolute URI, and
+//! its answers and errors have to become the other branch's response type — in axum,
+//! an `Infallible` service answering `axum::response::Response`:
+//!
+//! ```
+//! use axum::{body::Body, http::{Request, StatusCode, Uri}, response::{IntoResponse, Response}};
+//! use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+//! use std::convert::Infallible;
+//! use tower::service_fn;
+//! use tower_backstop::http::ReplayBody;
+//!
+//! let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody>();
+//! let origin = service_fn(move |mut req: Request<ReplayBody>| {
+//!     let client = client.clone();
+//!     async move {
+//!         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+//!         *req.uri_mut() = Uri::try_from(format!("http://127.0.0.1:8081{path}")).unwrap();
+//!         Ok::<Response, Infallible>(match client.request(req).await {
+//!             Ok(response) => response.map(Body::new),
+//!             Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+//!         })
+//!     }
+//! });
+//! // `FallbackLayer::new(origin)` now fits an axum router.
+//! # let _ = origin;
+//! ```
+//!
+//! tower's combinators (`map_err`, `map_result`, `then`) cannot turn an error into an
+//! `Infallible` answer, hence the `service_fn`.
+//!
+//! **Cancellation on the wire.** When the primary is accepted, the fallback's response
+//! future is dropped, and hyper abandons the request: over HTTP/2 it resets the stream
+//! (`RST_STREAM`, the connection stays up); over HTTP/1.1 it must close the connection,
+//! since a request in flight cannot be taken back, and the next request opens a new
+//! one. The fallback server sees its handler cancelled either way. If most requests
+//! are hits, talk HTTP/2 to the fallback (`Client::builder(..).http2_only(true)`), or
+//! delay its launch (`Launch::Delayed`).
+//!
+//! # tonic
+//!
+//! A gRPC client puts the layer on its channel. `tonic`'s `Channel` takes
+//! `Request<tonic::body::Body>`, so each branch converts the replayed body back, and
+//! [`GrpcStatus`](accept::GrpcStatus) judges the primary's answer:
+//!
+//! ```no_run
+//! use tonic::{body::Body, transport::Channel};
+//! use tonic_health::pb::health_client::HealthClient;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_backstop::{
+//!     http::{accept::{GrpcCode, GrpcStatus}, BufferBodyLayer, ReplayBody},
+//!     FallbackLayer,
+//! };
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let primary = Channel::from_static("http://127.0.0.1:50051").connect().await?;
+//! let fallback = Channel::from_static("http://127.0.0.1:50052").connect().await?;
+//! let to_tonic = |req: http::Request<ReplayBody>| req.map(Body::new);
+//!
+//! let channel = ServiceBuilder::new()
+//!     .layer(BufferBodyLayer::new())
+//!     .layer(
+//!         FallbackLayer::new(fallback.map_request(to_tonic))
+//!             .accept(GrpcStatus::rejecting(&[GrpcCode::NotFound, GrpcCode::Unavailable])),
+//!     )
+//!     .map_request(to_tonic)
+//!     .service(primary);
+//! let mut client = HealthClient::new(channel);
+//! # let _ = &mut client;
+//! # Ok(()) }
+//! ```
+//!
+//! A gRPC request over the cap is answered `RESOURCE_EXHAUSTED`, one whose body fails
+//! `INTERNAL`, both as trailers-only gRPC responses. The limit of judging gRPC answers
+//! by their head is described in [`accept`](accept#grpc).
+//!
+//! # Stacking with timeouts and retries
+//!
+//! Where a timeout or a retry goes decides what it bounds and what it costs:
+//!
+//! - **A timeout on the primary alone** turns a slow primary into a rejection, served
+//!   by the fallback, which has been running all along. With tower-http's
+//!   `TimeoutLayer`, the primary answers `408` (or the status you choose) and the
+//!   error type stays put; reject that status in the predicate
+//!   ([`StatusIn::SUCCESS`](accept::StatusIn::SUCCESS) does). With tower's `Timeout`
+//!   the primary's error becomes `BoxError`, so the fallback's must be mapped to match.
+//! - **A timeout around the whole layer** bounds the request: when it fires, both
+//!   branches are dropped, and cancelled on the wire as above.
+//! - **A retry outside the layer** (and inside [`BufferBody`], which is what makes the
+//!   request clonable for it) runs both branches again on every attempt: with `n`
+//!   attempts, the fallback sees up to `n` calls per request instead of one. Put a
+//!   retry on the fallback branch alone (and on the primary alone) to retry each
+//!   branch without multiplying the other's load.
+
+pub mod accept;
+mod body;
+mod buffer;
+pub mod future;
+
+pub use self::{
+    body::ReplayBody,
+    buffer::{BufferBody, BufferBodyLayer, DEFAULT_MAX_BYTES},
+};
+
+use crate::{Fallback, FallbackLayer};
+use tower_layer::Stack;
+
+impl<F, A, E> FallbackLayer<F, A, E> {
+    /// Buffers request bodies in front of the fallback, so that `http::Request`s with
+    /// streamed bodies can be cloned for it. Call it last: it returns a stack of this
+    /// layer inside a [`BufferBodyLayer`] with the default cap (64 KiB).
+    ///
+    /// Equivalent to `ServiceBuilder::new().layer(BufferBodyLayer::new()).layer(self)`.
+    /// See the [`http`](crate::http) module.
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+    pub fn buffer_bodies(self) -> Stack<Self, BufferBodyLayer> {
+        Stack::new(self, BufferBodyLayer::new())
+    }
+}
+
+impl<P, F, A, E> Fallback<P, F, A, E> {
+    /// Wraps this service in a [`BufferBody`] with the default cap (64 KiB), so that it
+    /// accepts `http::Request`s with streamed bodies. See the [`http`](crate::http)
+    /// module.
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+    pub fn buffer_bodies(self) -> BufferBody<Self> {
+        BufferBody::new(self)
+    }
+}
