@@ -21,6 +21,7 @@ pin_project! {
     /// side, without spawning a task. It resolves to the primary's result as soon as
     /// the predicate accepts it — dropping the fallback's future, or its pending
     /// readiness, on the spot — and otherwise to the fallback's result.
+    #[project = ResponseFutureProj]
     pub struct ResponseFuture<PF, F, Req, A>
     where
         F: Service<Req>,
@@ -99,6 +100,8 @@ where
 {
     type Output = Result<T, E>;
 
+    // The body is small: everything past the primary's answer is in `poll_fallback`.
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         #[cfg(feature = "tracing")]
@@ -115,7 +118,9 @@ where
                 this.primary.set(None);
                 this.speculation.primary_answered();
                 // Neither a launch delay nor the patience bound applies any more.
-                this.timer.set(None);
+                if this.timer.is_some() {
+                    this.timer.set(None);
+                }
                 let accepted = this.accept.accept(&result);
                 this.speculation.tracker.primary_answered(accepted);
                 if accepted {
@@ -134,6 +139,24 @@ where
                 }
             }
         }
+        Self::poll_fallback(this, cx)
+    }
+}
+
+impl<PF, F, Req, A, T, E> ResponseFuture<PF, F, Req, A>
+where
+    PF: Future<Output = Result<T, E>>,
+    F: Service<Req, Response = T, Error = E>,
+    A: Accept<T, E>,
+{
+    /// Everything after the primary's first answer or its pending poll: launching and
+    /// driving the fallback. Kept out of line so that `poll`'s path for an accepted
+    /// primary stays small enough to inline into the caller.
+    #[inline(never)]
+    fn poll_fallback(
+        mut this: ResponseFutureProj<'_, PF, F, Req, A>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<T, E>> {
         let primary_pending = this.primary.is_some();
 
         if primary_pending && !this.speculation.launched {

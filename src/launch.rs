@@ -165,6 +165,7 @@ impl fmt::Debug for Settings {
 
 impl Settings {
     /// Plans one request: called once per request, in `call`.
+    #[inline]
     pub(crate) fn plan(&self, eligible: bool) -> Speculation {
         #[cfg(feature = "budget")]
         if let Some(budget) = &self.budget {
@@ -222,6 +223,7 @@ pub(crate) enum Plan {
 
 impl Plan {
     /// The reason a launch made now would be reported with.
+    #[inline]
     pub(crate) fn reason(self, primary_pending: bool) -> Launched {
         match self {
             Plan::OnReject(why) => why,
@@ -252,6 +254,7 @@ pub(crate) struct Speculation {
 impl Speculation {
     /// Asks the budget for one speculative launch. On refusal the request is degraded to
     /// sequential, so it is asked at most once.
+    #[inline]
     pub(crate) fn withdraw(&mut self) -> bool {
         #[cfg(feature = "budget")]
         if let Some(budget) = self.budget.take() {
@@ -265,6 +268,7 @@ impl Speculation {
     }
 
     /// The primary answered: its latency is a full sample.
+    #[inline]
     pub(crate) fn primary_answered(&mut self) {
         #[cfg(feature = "adaptive")]
         if let Some(estimate) = self.estimate.take() {
@@ -274,6 +278,7 @@ impl Speculation {
 
     /// The primary was dropped unanswered: its latency so far is only a lower bound.
     /// Leaving such calls out would bias the estimate towards the fast answers.
+    #[inline]
     pub(crate) fn primary_cut_short(&mut self) {
         #[cfg(feature = "adaptive")]
         if let Some(estimate) = self.estimate.take() {
@@ -283,6 +288,7 @@ impl Speculation {
 }
 
 impl Drop for Speculation {
+    #[inline]
     fn drop(&mut self) {
         // A response future dropped while its primary was pending (the caller gave up,
         // or a timeout fired) cut the primary short.

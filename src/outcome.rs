@@ -309,7 +309,16 @@ struct Track {
 }
 
 impl Tracker {
+    #[inline]
     pub(crate) fn new(observers: &Observers) -> Self {
+        if observers.hook.is_none() && observers.stats.is_none() && !tracing_may_listen() {
+            return Tracker { track: None };
+        }
+        Tracker::observed(observers)
+    }
+
+    #[inline(never)]
+    fn observed(observers: &Observers) -> Self {
         #[cfg(feature = "tracing")]
         let span = tracing::debug_span!(
             "backstop",
@@ -358,6 +367,7 @@ impl Tracker {
         self.track.as_ref().map(|t| t.span.clone())
     }
 
+    #[inline]
     pub(crate) fn launched(&mut self, why: Launched) {
         if let Some(t) = &mut self.track {
             t.stage = Stage::Launched;
@@ -367,18 +377,21 @@ impl Tracker {
     }
 
     #[cfg(feature = "budget")]
+    #[inline]
     pub(crate) fn budget_refused(&mut self) {
         if let Some(t) = &mut self.track {
             t.budget_refused = true;
         }
     }
 
+    #[inline]
     pub(crate) fn called(&mut self) {
         if let Some(t) = &mut self.track {
             t.stage = Stage::Called;
         }
     }
 
+    #[inline]
     pub(crate) fn fallback_answered(&mut self, primary_pending: bool) {
         if let Some(t) = &mut self.track {
             t.stage = Stage::Answered;
@@ -387,6 +400,7 @@ impl Tracker {
         }
     }
 
+    #[inline]
     pub(crate) fn primary_answered(&mut self, accepted: bool) {
         if let Some(t) = &mut self.track {
             t.primary_latency = Some(t.start.elapsed());
@@ -399,11 +413,18 @@ impl Tracker {
     }
 
     /// Reports the request as finished. Later calls, and the drop, report nothing.
+    #[inline]
     pub(crate) fn finish(&mut self, served: Served) {
-        let Some(t) = self.track.take() else {
-            return;
-        };
-        let fallback = match (served, t.stage) {
+        if let Some(t) = self.track.take() {
+            t.report(served);
+        }
+    }
+}
+
+impl Track {
+    #[inline(never)]
+    fn report(self, served: Served) {
+        let fallback = match (served, self.stage) {
             (Served::Fallback, _) => Fate::Served,
             (_, Stage::Waiting) => Fate::NotLaunched,
             (_, Stage::Launched) => Fate::DroppedBeforeReady,
@@ -412,21 +433,21 @@ impl Tracker {
         };
         let outcome = Outcome {
             served,
-            primary: t.verdict,
+            primary: self.verdict,
             fallback,
-            launched: t.launched,
-            budget_refused: t.budget_refused,
-            fallback_first: t.fallback_first,
-            primary_latency: t.primary_latency,
-            fallback_latency: t.fallback_latency,
-            elapsed: t.start.elapsed(),
+            launched: self.launched,
+            budget_refused: self.budget_refused,
+            fallback_first: self.fallback_first,
+            primary_latency: self.primary_latency,
+            fallback_latency: self.fallback_latency,
+            elapsed: self.start.elapsed(),
         };
         #[cfg(feature = "tracing")]
-        t.report(&outcome);
-        if let Some(stats) = &t.observers.stats {
+        self.trace(&outcome);
+        if let Some(stats) = &self.observers.stats {
             stats.count(&outcome);
         }
-        if let Some(hook) = &t.observers.hook {
+        if let Some(hook) = &self.observers.hook {
             hook(&outcome);
         }
     }
@@ -434,7 +455,7 @@ impl Tracker {
 
 #[cfg(feature = "tracing")]
 impl Track {
-    fn report(&self, o: &Outcome) {
+    fn trace(&self, o: &Outcome) {
         let span = &self.span;
         span.record("served", tracing::field::debug(o.served));
         span.record("primary", tracing::field::debug(o.primary));
@@ -461,7 +482,21 @@ impl Track {
     }
 }
 
+/// Whether a `tracing` subscriber may want the request's span: a cheap check of the
+/// static and global level filters before any span is made.
+#[inline]
+fn tracing_may_listen() -> bool {
+    #[cfg(feature = "tracing")]
+    {
+        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+        STATIC_MAX_LEVEL >= LevelFilter::DEBUG && LevelFilter::current() >= LevelFilter::DEBUG
+    }
+    #[cfg(not(feature = "tracing"))]
+    false
+}
+
 impl Drop for Tracker {
+    #[inline]
     fn drop(&mut self) {
         // Still unreported when dropped: the response future was abandoned.
         self.finish(Served::Abandoned);
