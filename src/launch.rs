@@ -171,8 +171,13 @@ impl Settings {
         if let Some(budget) = &self.budget {
             budget.deposit();
         }
+        // Every primary call under an adaptive launch is timed, eligible or not: the
+        // estimate is of the primary's latency, whatever happens to the fallback.
         #[cfg(feature = "adaptive")]
-        let mut estimate = None;
+        let estimate = match &self.launch {
+            Launch::Adaptive(adaptive) => Some(adaptive::Sampler::start(adaptive)),
+            _ => None,
+        };
         let plan = if !eligible {
             Plan::OnReject(Launched::NotEligible)
         } else {
@@ -185,9 +190,10 @@ impl Settings {
                 }
                 #[cfg(feature = "adaptive")]
                 Launch::Adaptive(adaptive) => {
-                    let now = tokio::time::Instant::now();
-                    estimate = Some(adaptive::Sampler::new(adaptive.clone(), now));
-                    Plan::At(now + adaptive.delay(), Launched::Adaptive)
+                    let start = estimate
+                        .as_ref()
+                        .map_or_else(tokio::time::Instant::now, |s| s.start_time());
+                    Plan::At(start + adaptive.delay(), Launched::Adaptive)
                 }
             }
         };

@@ -443,6 +443,26 @@ mod adaptive {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn ineligible_requests_still_time_the_primary() {
+        // No request may speculate, yet every primary answer feeds the estimate.
+        let adaptive = Adaptive::new(0.5, ms(1)).window(20).min_samples(10);
+        let svc = Fallback::new(
+            Probe::fixed("cache", 7, Reply::Value(1)),
+            Probe::fixed("db", 2, Reply::Value(2)),
+        )
+        .accept(hit)
+        .launch(Launch::Adaptive(adaptive.clone()))
+        .speculate_if(|_: &u64| false);
+        for _ in 0..10 {
+            assert_eq!(svc.clone().oneshot(1).await, Ok(from("cache", 1)));
+        }
+        assert!(
+            between(adaptive.estimate(), ms(7), Duration::from_micros(7_100)),
+            "{adaptive:?}"
+        );
+    }
+
     #[test]
     fn bad_quantiles_are_clamped() {
         let fmt = |q: f64| format!("{:?}", Adaptive::new(q, ms(1)));

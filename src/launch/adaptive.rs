@@ -200,8 +200,17 @@ pub(crate) struct Sampler {
 }
 
 impl Sampler {
-    pub(crate) fn new(adaptive: Adaptive, start: Instant) -> Self {
-        Sampler { adaptive, start }
+    /// Starts timing a primary call now.
+    pub(crate) fn start(adaptive: &Adaptive) -> Self {
+        Sampler {
+            adaptive: adaptive.clone(),
+            start: Instant::now(),
+        }
+    }
+
+    /// When the call started.
+    pub(crate) fn start_time(&self) -> Instant {
+        self.start
     }
 
     /// The primary answered now.
