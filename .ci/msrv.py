@@ -12,7 +12,8 @@ import sys
 
 
 def version(text):
-    return tuple(int(part) for part in text.split("."))
+    parts = [int(part) for part in text.split(".")]
+    return tuple(parts + [0] * (3 - len(parts)))
 
 
 def main():
@@ -41,7 +42,7 @@ def main():
         if theirs and version(theirs) > ours:
             bad.append(f"{pkg['name']} {pkg['version']} needs Rust {theirs}")
 
-    print(f"msrv: rust-version {'.'.join(map(str, ours))}, {len(seen) - 1} library dependencies")
+    print(f"msrv: rust-version {packages[root]['rust_version']}, {len(seen) - 1} library dependencies")
     if bad:
         print("msrv: dependencies newer than rust-version:\n  " + "\n  ".join(bad))
         sys.exit(1)

@@ -119,6 +119,17 @@ impl<F, A, E> FallbackLayer<F, A, E> {
         self.settings.observers.stats = Some(stats);
         self
     }
+    /// Reports the outcomes of every service this layer builds through the
+    /// [`metrics`] facade, labelled `layer = name`. Default: off. See
+    /// [`Fallback::metrics`].
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, name: &'static str) -> Self {
+        self.settings.observers.metrics = Some(std::sync::Arc::new(
+            crate::outcome::metrics_export::Handles::register(name),
+        ));
+        self
+    }
 }
 
 impl<P, F, A, E> Layer<P> for FallbackLayer<F, A, E>

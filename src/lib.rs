@@ -90,6 +90,7 @@
 //! | `adaptive` | no | `Launch::Adaptive`, estimating a latency percentile with `hdrhistogram` |
 //! | `budget` | no | `budget`, capping speculative launches with any `tower::retry::budget::Budget` |
 //! | `tracing` | no | a debug-level span per request carrying its outcome |
+//! | `metrics` | no | outcome counters and latency histograms through the `metrics` facade |
 //! | `http` | no | the `http` module: request-body buffering so `http::Request`s can be cloned for the fallback, HTTP-status and gRPC-status predicates (axum, hyper, tonic) |
 //!
 //! # Minimum supported Rust version

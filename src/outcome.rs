@@ -267,14 +267,29 @@ pub(crate) type Hook = Arc<dyn Fn(&Outcome) + Send + Sync>;
 pub(crate) struct Observers {
     pub(crate) hook: Option<Hook>,
     pub(crate) stats: Option<Stats>,
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: Option<Arc<metrics_export::Handles>>,
+}
+
+impl Observers {
+    #[inline]
+    fn is_empty(&self) -> bool {
+        #[cfg(feature = "metrics")]
+        if self.metrics.is_some() {
+            return false;
+        }
+        self.hook.is_none() && self.stats.is_none()
+    }
 }
 
 impl fmt::Debug for Observers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Observers")
-            .field("hook", &self.hook.as_ref().map(|_| "Fn(&Outcome)"))
-            .field("stats", &self.stats)
-            .finish()
+        let mut s = f.debug_struct("Observers");
+        s.field("hook", &self.hook.as_ref().map(|_| "Fn(&Outcome)"));
+        s.field("stats", &self.stats);
+        #[cfg(feature = "metrics")]
+        s.field("metrics", &self.metrics.as_ref().map(|m| m.layer));
+        s.finish()
     }
 }
 
@@ -311,7 +326,7 @@ struct Track {
 impl Tracker {
     #[inline]
     pub(crate) fn new(observers: &Observers) -> Self {
-        if observers.hook.is_none() && observers.stats.is_none() && !tracing_may_listen() {
+        if observers.is_empty() && !tracing_may_listen() {
             return Tracker { track: None };
         }
         Tracker::observed(observers)
@@ -339,7 +354,7 @@ impl Tracker {
         #[cfg(not(feature = "tracing"))]
         let listening = false;
 
-        if observers.hook.is_none() && observers.stats.is_none() && !listening {
+        if observers.is_empty() && !listening {
             return Tracker { track: None };
         }
         Tracker {
@@ -447,6 +462,10 @@ impl Track {
         if let Some(stats) = &self.observers.stats {
             stats.count(&outcome);
         }
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.observers.metrics {
+            metrics.record(&outcome);
+        }
         if let Some(hook) = &self.observers.hook {
             hook(&outcome);
         }
@@ -508,5 +527,138 @@ impl fmt::Debug for Tracker {
         f.debug_struct("Tracker")
             .field("observed", &self.track.is_some())
             .finish()
+    }
+}
+
+#[cfg(feature = "metrics")]
+pub(crate) mod metrics_export {
+    //! Outcomes through the `metrics` facade, on handles registered once per layer.
+    use super::{Fate, Outcome, Served};
+    use crate::launch::Launched;
+    use metrics::{Counter, Histogram};
+
+    /// Every handle a layer reports into, labelled `layer = <name>`.
+    pub(crate) struct Handles {
+        pub(crate) layer: &'static str,
+        served: [Counter; 3],
+        fate: [Counter; 5],
+        launched: [Counter; 6],
+        budget_refusals: Counter,
+        fallback_first: Counter,
+        primary_latency: Histogram,
+        fallback_latency: Histogram,
+    }
+
+    impl Handles {
+        pub(crate) fn register(layer: &'static str) -> Self {
+            metrics::describe_counter!(
+                "backstop_requests_total",
+                "Requests finished, by who served them (primary, fallback, abandoned)."
+            );
+            metrics::describe_counter!(
+                "backstop_fallback_total",
+                "Requests by what became of their fallback."
+            );
+            metrics::describe_counter!(
+                "backstop_fallback_launches_total",
+                "Fallback calls started, by why they started when they did."
+            );
+            metrics::describe_counter!(
+                "backstop_budget_refusals_total",
+                "Speculative launches the budget refused."
+            );
+            metrics::describe_counter!(
+                "backstop_fallback_first_total",
+                "Requests whose fallback answered while the primary was still pending."
+            );
+            metrics::describe_histogram!(
+                "backstop_primary_latency_seconds",
+                metrics::Unit::Seconds,
+                "Time from the call to the primary's answer."
+            );
+            metrics::describe_histogram!(
+                "backstop_fallback_latency_seconds",
+                metrics::Unit::Seconds,
+                "Time from the fallback's launch to its answer."
+            );
+            let served = |by: &'static str| metrics::counter!("backstop_requests_total", "layer" => layer, "served" => by);
+            let fate = |fate: &'static str| metrics::counter!("backstop_fallback_total", "layer" => layer, "fate" => fate);
+            let launched = |why: &'static str| {
+                metrics::counter!(
+                    "backstop_fallback_launches_total",
+                    "layer" => layer,
+                    "launched" => why
+                )
+            };
+            Handles {
+                layer,
+                served: [served("primary"), served("fallback"), served("abandoned")],
+                fate: [
+                    fate("not_launched"),
+                    fate("dropped_before_ready"),
+                    fate("dropped_in_flight"),
+                    fate("discarded"),
+                    fate("served"),
+                ],
+                launched: [
+                    launched("concurrent"),
+                    launched("delayed"),
+                    launched("adaptive"),
+                    launched("after_rejection"),
+                    launched("budget_refused"),
+                    launched("not_eligible"),
+                ],
+                budget_refusals: metrics::counter!("backstop_budget_refusals_total", "layer" => layer),
+                fallback_first: metrics::counter!("backstop_fallback_first_total", "layer" => layer),
+                primary_latency: metrics::histogram!(
+                    "backstop_primary_latency_seconds",
+                    "layer" => layer
+                ),
+                fallback_latency: metrics::histogram!(
+                    "backstop_fallback_latency_seconds",
+                    "layer" => layer
+                ),
+            }
+        }
+
+        pub(crate) fn record(&self, o: &Outcome) {
+            let served = match o.served {
+                Served::Primary => 0,
+                Served::Fallback => 1,
+                Served::Abandoned => 2,
+            };
+            self.served[served].increment(1);
+            let fate = match o.fallback {
+                Fate::NotLaunched => 0,
+                Fate::DroppedBeforeReady => 1,
+                Fate::DroppedInFlight => 2,
+                Fate::Discarded => 3,
+                Fate::Served => 4,
+            };
+            self.fate[fate].increment(1);
+            if let Some(why) = o.launched {
+                let why = match why {
+                    Launched::Concurrent => 0,
+                    Launched::Delayed => 1,
+                    Launched::Adaptive => 2,
+                    Launched::AfterRejection => 3,
+                    Launched::BudgetRefused => 4,
+                    Launched::NotEligible => 5,
+                };
+                self.launched[why].increment(1);
+            }
+            if o.budget_refused {
+                self.budget_refusals.increment(1);
+            }
+            if o.fallback_first {
+                self.fallback_first.increment(1);
+            }
+            if let Some(latency) = o.primary_latency {
+                self.primary_latency.record(latency.as_secs_f64());
+            }
+            if let Some(latency) = o.fallback_latency {
+                self.fallback_latency.record(latency.as_secs_f64());
+            }
+        }
     }
 }

@@ -190,6 +190,24 @@ impl<P, F, A, E> Fallback<P, F, A, E> {
         self
     }
 
+    /// Reports every request's outcome through the [`metrics`] facade, labelled
+    /// `layer = name`. Default: off.
+    ///
+    /// Counters: `backstop_requests_total{served}`, `backstop_fallback_total{fate}`,
+    /// `backstop_fallback_launches_total{launched}`, `backstop_budget_refusals_total`,
+    /// `backstop_fallback_first_total`; histograms (seconds):
+    /// `backstop_primary_latency_seconds`, `backstop_fallback_latency_seconds`. The
+    /// handles are registered here, once: install the metrics recorder before calling
+    /// this.
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self, name: &'static str) -> Self {
+        self.settings.observers.metrics = Some(std::sync::Arc::new(
+            crate::outcome::metrics_export::Handles::register(name),
+        ));
+        self
+    }
+
     /// Returns a reference to the primary service.
     pub fn get_ref(&self) -> &P {
         &self.primary
