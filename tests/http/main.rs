@@ -1,0 +1,17 @@
+//! The `http` feature against real stacks: request bodies buffered for both branches,
+//! status predicates, axum routers, hyper-util clients over HTTP/1.1 and HTTP/2, tonic
+//! channels, cancellation observed by the fallback's server, and the stacking orders
+//! with `timeout` and `retry`.
+//!
+//! `buffer` and `accept` run in memory; the other modules start their own servers on
+//! 127.0.0.1 (port 0) and stop them. No test sleeps to synchronise: servers report
+//! through channels, and every wait is bounded (`support::OBSERVE_LIMIT`).
+
+mod accept;
+mod axum_stack;
+mod buffer;
+mod cancel;
+mod hyper_client;
+mod stacking;
+mod support;
+mod tonic_client;
