@@ -13,9 +13,9 @@
 //!
 //! The two [`Trace`]s must be equal: what was served and at which millisecond, which
 //! calls were made and when, what became of every branch future (completed or dropped,
-//! exactly once, and when), what the predicate judged, what the budget was asked, and
-//! that no branch future or fallback clone is still alive when the response is handed
-//! back.
+//! exactly once, and when), what the predicate judged, what the budget was asked, that
+//! no branch future or fallback clone is still alive when the response is handed back,
+//! and — when an `on_outcome` hook is set — the one [`Outcome`] reported.
 //!
 //! 10,000 cases run by default (a few seconds); set `BACKSTOP_MODEL_CASES` for more.
 //! Failing seeds are saved to `proptest-regressions/model.txt`, which is committed and
@@ -41,7 +41,11 @@ use std::{
 };
 use tokio::time::{Instant, Sleep};
 use tower::Service;
-use tower_backstop::{launch::Launch, Fallback};
+use tower_backstop::{
+    launch::{Launch, Launched},
+    outcome::{self, Outcome, Served, Verdict},
+    Fallback,
+};
 
 /// A request nobody dropped is given up on here: far beyond every scheduled time.
 const HORIZON: u64 = 1_000;
@@ -181,6 +185,8 @@ struct Schedule {
     patience: Option<u64>,
     /// When the caller drops the response future, if it has not resolved by then.
     drop_at: Option<u64>,
+    /// Whether an `on_outcome` hook is set (which switches the outcome tracking on).
+    observed: bool,
 }
 
 fn reply() -> impl Strategy<Value = Reply> {
@@ -261,17 +267,21 @@ fn schedule() -> impl Strategy<Value = Schedule> {
         budget(),
         prop::option::of(0..=10u64),
         prop::option::weighted(0.3, 0..=25u64),
+        any::<bool>(),
     )
         .prop_map(
-            |(primary, fallback, accept, policy, eligible, budget, patience, drop_at)| Schedule {
-                primary,
-                fallback,
-                accept,
-                policy,
-                eligible,
-                budget,
-                patience,
-                drop_at,
+            |(primary, fallback, accept, policy, eligible, budget, patience, drop_at, observed)| {
+                Schedule {
+                    primary,
+                    fallback,
+                    accept,
+                    policy,
+                    eligible,
+                    budget,
+                    patience,
+                    drop_at,
+                    observed,
+                }
             },
         )
 }
@@ -312,6 +322,42 @@ struct Trace {
     /// When the response future resolved (still alive) or was dropped: branch futures
     /// of the primary and of the fallback still alive, and fallback clones alive.
     live_at_end: (usize, usize, usize),
+    /// What the `on_outcome` hook was told, if set.
+    outcomes: Vec<Report>,
+}
+
+/// An [`Outcome`], with times in whole milliseconds.
+#[derive(Debug, PartialEq, Eq)]
+struct Report {
+    served: Served,
+    primary: Verdict,
+    fallback: outcome::Fate,
+    launched: Option<Launched>,
+    budget_refused: bool,
+    fallback_first: bool,
+    primary_latency: Option<u64>,
+    fallback_latency: Option<u64>,
+    elapsed: u64,
+}
+
+impl From<&Outcome> for Report {
+    fn from(o: &Outcome) -> Self {
+        let whole = |d: Duration| {
+            assert_eq!(d.subsec_nanos() % 1_000_000, 0, "{d:?}");
+            u64::try_from(d.as_millis()).unwrap()
+        };
+        Report {
+            served: o.served,
+            primary: o.primary,
+            fallback: o.fallback,
+            launched: o.launched,
+            budget_refused: o.budget_refused,
+            fallback_first: o.fallback_first,
+            primary_latency: o.primary_latency.map(whole),
+            fallback_latency: o.fallback_latency.map(whole),
+            elapsed: whole(o.elapsed),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -362,6 +408,7 @@ fn timeline(fallback: &Branch, launch: u64) -> Timeline {
 ///   one is replaced by the fallback's answer, held if it came first.
 /// - A successful fallback answer held while the primary is pending waits `patience`,
 ///   then is served and the primary dropped.
+/// - One outcome is reported per call, saying just that.
 fn model(s: &Schedule) -> Trace {
     let end = s.drop_at.unwrap_or(HORIZON);
     let counting = s.budget.filter(|b| b.counts()).map(|_| (0, 0));
@@ -375,6 +422,7 @@ fn model(s: &Schedule) -> Trace {
         judged: Vec::new(),
         budget: counting,
         live_at_end: (0, 0, 1),
+        outcomes: Vec::new(),
     };
 
     let call = match s.primary.ready {
@@ -397,14 +445,18 @@ fn model(s: &Schedule) -> Trace {
         (true, Policy::Adaptive(d)) => Some(call + d),
     };
     let mut launch = None;
+    let mut refused = false;
     if let Some(at) = planned.filter(|&at| at <= end && pending_at(at)) {
         if let Some((_, withdrawals)) = &mut trace.budget {
             *withdrawals += 1;
         }
         if s.budget.is_none_or(|b| b.allows()) {
             launch = Some(at);
+        } else {
+            refused = true;
         }
     }
+    let speculative = launch.is_some();
     // A fallback answer that comes while the primary is pending is held.
     let held = launch
         .and_then(|at| timeline(&s.fallback, at).answer)
@@ -415,7 +467,8 @@ fn model(s: &Schedule) -> Trace {
         _ => None,
     };
 
-    // Whether the primary's answer was accepted, and when.
+    // Whether the primary's answer was judged, and accepted; and when.
+    let mut judged_at = None;
     let mut accepted_at = None;
     if let Some(cut) = cut.filter(|&c| c <= end) {
         trace.served = held.map(|(_, result)| (cut, result));
@@ -423,6 +476,7 @@ fn model(s: &Schedule) -> Trace {
     } else if let Some(at) = answer.filter(|&a| a <= end) {
         let result = s.primary.reply.result(Side::Primary);
         trace.judged.push(result);
+        judged_at = Some(at);
         trace.primary.fates.push(Fate::Completed(at));
         if s.accept {
             trace.served = Some((at, result));
@@ -443,18 +497,60 @@ fn model(s: &Schedule) -> Trace {
     // The fallback's calls and fate: it runs until an accepted primary answer (which,
     // being looked at first, beats anything due at the same millisecond) or until the
     // response is served or dropped (everything due at that millisecond happens).
+    let finished = trace.served.map_or(end, |(at, _)| at);
+    let alive_at = |t: u64| accepted_at.map_or(t <= finished, |a| t < a);
+    // When the fallback's answer (or readiness error) was seen, if it was.
+    let mut fallback_answered = None;
     if let Some(launched) = launch {
         trace.fallback.first_ready_poll = Some(launched);
-        let finished = trace.served.map_or(end, |(at, _)| at);
-        let alive_at = |t: u64| accepted_at.map_or(t <= finished, |a| t < a);
         let tl = timeline(&s.fallback, launched);
+        fallback_answered = tl.answer.map(|(at, _)| at).filter(|&at| alive_at(at));
         if let Some(call) = tl.call_at.filter(|&t| alive_at(t)) {
             trace.fallback.calls.push(call);
-            trace.fallback.fates.push(match tl.answer {
-                Some((at, _)) if alive_at(at) => Fate::Completed(at),
-                _ => Fate::Dropped(accepted_at.unwrap_or(finished)),
+            trace.fallback.fates.push(match fallback_answered {
+                Some(at) => Fate::Completed(at),
+                None => Fate::Dropped(accepted_at.unwrap_or(finished)),
             });
         }
+    }
+
+    if s.observed {
+        let served = match (accepted_at, trace.served) {
+            (Some(_), _) => Served::Primary,
+            (None, Some(_)) => Served::Fallback,
+            (None, None) => Served::Abandoned,
+        };
+        let launched = launch.map(|_| match (speculative, s.policy) {
+            (true, Policy::Concurrent) => Launched::Concurrent,
+            (true, Policy::Delayed(_)) => Launched::Delayed,
+            #[cfg(feature = "adaptive")]
+            (true, Policy::Adaptive(_)) => Launched::Adaptive,
+            (true, Policy::Sequential) => unreachable!("sequential never speculates"),
+            (false, _) if !s.eligible => Launched::NotEligible,
+            (false, _) if refused => Launched::BudgetRefused,
+            (false, _) => Launched::AfterRejection,
+        });
+        trace.outcomes.push(Report {
+            served,
+            primary: match (judged_at, accepted_at) {
+                (_, Some(_)) => Verdict::Accepted,
+                (Some(_), None) => Verdict::Rejected,
+                (None, None) => Verdict::Pending,
+            },
+            fallback: match (served, launch, fallback_answered) {
+                (Served::Fallback, _, _) => outcome::Fate::Served,
+                (_, None, _) => outcome::Fate::NotLaunched,
+                (_, Some(_), Some(_)) => outcome::Fate::Discarded,
+                _ if trace.fallback.calls.is_empty() => outcome::Fate::DroppedBeforeReady,
+                _ => outcome::Fate::DroppedInFlight,
+            },
+            launched,
+            budget_refused: refused,
+            fallback_first: held.is_some(),
+            primary_latency: judged_at.map(|at| at - call),
+            fallback_latency: fallback_answered.zip(launch).map(|(at, l)| at - l),
+            elapsed: finished - call,
+        });
     }
     trace
 }
@@ -681,6 +777,11 @@ async fn run_on_paused_clock(s: &Schedule) -> Trace {
         .accept(accept)
         .speculate_if(move |_: &u64| eligible)
         .launch(launch);
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    if s.observed {
+        let outcomes = outcomes.clone();
+        svc = svc.on_outcome(move |o: &Outcome| outcomes.lock().unwrap().push(Report::from(o)));
+    }
     if let Some(p) = s.patience {
         svc = svc.patience(ms(p));
     }
@@ -750,6 +851,7 @@ async fn run_on_paused_clock(s: &Schedule) -> Trace {
         }
     };
     let judged = std::mem::take(&mut *judged.lock().unwrap());
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
     Trace {
         served,
         primary: branch(&primary_log),
@@ -760,6 +862,7 @@ async fn run_on_paused_clock(s: &Schedule) -> Trace {
             .filter(|b| b.counts())
             .map(|_| (tally.0.load(SeqCst), tally.1.load(SeqCst))),
         live_at_end,
+        outcomes,
     }
 }
 
@@ -814,7 +917,7 @@ fn the_schedules_reach_every_situation() {
 
     const N: usize = 10_000;
     let mut runner = TestRunner::deterministic();
-    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
     for _ in 0..N {
         let s = schedule().new_tree(&mut runner).unwrap().current();
         let t = model(&s);
@@ -825,7 +928,13 @@ fn the_schedules_reach_every_situation() {
         let fallback_answer = t.fallback.fates.first().map(|f| match f {
             Fate::Completed(at) | Fate::Dropped(at) => *at,
         });
-        let mut saw = |what| *seen.entry(what).or_default() += 1;
+        let mut saw = |what: &str| *seen.entry(what.to_string()).or_default() += 1;
+        for report in &t.outcomes {
+            saw(&format!("outcome {:?}", report.fallback));
+            if let Some(launched) = report.launched {
+                saw(&format!("outcome {launched:?}"));
+            }
+        }
         match t.served {
             None if t.primary.calls.is_empty() => saw("never called"),
             None => saw("dropped by the caller"),
@@ -896,8 +1005,21 @@ fn the_schedules_reach_every_situation() {
         "served at the drop time",
         "delayed speculative launch",
     ];
+    expected.extend([
+        "outcome NotLaunched",
+        "outcome DroppedBeforeReady",
+        "outcome DroppedInFlight",
+        "outcome Discarded",
+        "outcome Served",
+        "outcome Concurrent",
+        "outcome Delayed",
+        "outcome AfterRejection",
+        "outcome NotEligible",
+    ]);
+    #[cfg(feature = "adaptive")]
+    expected.push("outcome Adaptive");
     #[cfg(feature = "budget")]
-    expected.extend(["budget allowed", "budget refused"]);
+    expected.extend(["budget allowed", "budget refused", "outcome BudgetRefused"]);
     for what in expected {
         let count = seen.get(what).copied().unwrap_or(0);
         assert!(count >= N / 200, "{what}: only {count} of {N}");
@@ -926,6 +1048,7 @@ fn regressions() {
         budget: None,
         patience: None,
         drop_at: None,
+        observed: true,
     };
     #[allow(unused_mut)]
     let mut cases = vec![
