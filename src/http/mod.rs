@@ -1,7 +1,7 @@
 //! HTTP and gRPC: request bodies, status predicates, and how the layer sits in axum,
 //! hyper and tonic stacks.
 //!
-//! A [`Fallback`](crate::Fallback) gives the fallback a clone of each request, and an
+//! A [`Fallback`] gives the fallback a clone of each request, and an
 //! `http::Request<B>` is only `Clone` when its body is — a streamed body (axum's,
 //! hyper's, tonic's) is not. [`BufferBody`] (or [`BufferBodyLayer`]) reads the body
 //! into memory first, up to a cap, and calls the fallback service with an
@@ -27,20 +27,25 @@
 //!
 //! # axum
 //!
-//! Axum's `Router` and `Route` take requests with any body, so the fallback can be
-//! another router, and one more builder call,
-//! [`buffer_bodies`](crate::FallbackLayer::buffer_bodies), adds the buffering:
+//! `Router::layer` and `Router::route_layer` take the layer with one more builder
+//! call, [`buffer_bodies`](crate::FallbackLayer::buffer_bodies). The fallback is any
+//! `Infallible` service answering axum's `Response`: a proxy to another service (see
+//! the next section), a handler, or another `Router`:
 //!
 //! ```
-//! use axum::{body::Body, http::{Request, StatusCode}, routing::get, Router};
+//! use axum::{body::Body, extract::Path, http::{Request, StatusCode}, routing::get, Router};
 //! use tower::ServiceExt;
-//! use tower_backstop::{http::accept::RejectStatus, FallbackLayer};
+//! use tower_backstop::{http::{accept::RejectStatus, ReplayBody}, FallbackLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
-//! // The fallback: here another router; in production often a proxy to another
-//! // service (see "hyper" below).
-//! let origin = Router::new().route("/item/{id}", get(|| async { "from the origin" }));
+//! let origin = Router::new()
+//!     .route("/item/{id}", get(|Path(id): Path<u32>| async move { format!("origin {id}") }))
+//!     // Routed once already: see "A router as the fallback" below.
+//!     .map_request(|mut req: Request<ReplayBody>| {
+//!         req.extensions_mut().clear();
+//!         req
+//!     });
 //!
 //! let app = Router::new()
 //!     .route("/item/{id}", get(|| async { (StatusCode::NOT_FOUND, "not cached") }))
@@ -63,6 +68,31 @@
 //! too. To set the cap, use the layer itself:
 //! `.layer(FallbackLayer::new(origin)).layer(BufferBodyLayer::new().max_bytes(n))` —
 //! axum applies the last layer outermost.
+//!
+//! **A router as the fallback.** Behind `layer` and `route_layer` a request has been
+//! routed already, and axum keeps the path parameters it matched in the request's
+//! extensions. A second router adds its own to them, so a `Path` extractor in the
+//! fallback router finds one parameter too many. Either give that router the request
+//! without extensions, as above, or put the layer around the whole primary router,
+//! where it sees requests before any routing:
+//!
+//! ```
+//! # use axum::{body::Body, http::{Request, StatusCode}, routing::get, Router};
+//! # use tower::{Layer, ServiceExt};
+//! # use tower_backstop::{http::accept::RejectStatus, FallbackLayer};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! # let origin = Router::new().route("/item/{id}", get(|| async { "origin" }));
+//! # let cache = Router::new();
+//! let app = FallbackLayer::new(origin)
+//!     .accept(RejectStatus(StatusCode::NOT_FOUND))
+//!     .buffer_bodies()
+//!     .layer(cache);
+//! // Serve it with `axum::serve(listener, axum::ServiceExt::into_make_service(app))`.
+//! # let response = app.oneshot(Request::get("/item/7").body(Body::empty()).unwrap()).await.unwrap();
+//! # assert_eq!(response.status(), StatusCode::OK);
+//! # }
+//! ```
 //!
 //! # hyper and other clients as a branch
 //!
