@@ -519,6 +519,35 @@ async fn a_sequential_fallback_is_not_even_asked_for_readiness_on_a_hit() {
     );
 }
 
+/// `poll_ready` is the primary's alone, so the primary's readiness error goes to the
+/// caller, as documented: no request exists yet, and the fallback is not asked.
+#[tokio::test(start_paused = true)]
+async fn a_primary_readiness_error_goes_to_the_caller() {
+    let db = Probe::fixed("db", 5, Reply::Value(2));
+    let db_counts = db.counts();
+    let mut svc = Fallback::new(NotReady::new(ms(3)), db).accept(hit);
+    let start = Instant::now();
+    assert_eq!(svc.ready().await.err(), Some(ProbeError("db not ready")));
+    assert_eq!(start.elapsed(), ms(3));
+    assert_eq!((db_counts.ready_polls(), db_counts.started()), (0, 0));
+}
+
+/// Response futures own what they need: dropping the service and every clone of it
+/// while requests are in flight changes nothing for them.
+#[tokio::test(start_paused = true)]
+async fn requests_outlive_the_service() {
+    let (cache, db) = cache_and_db();
+    let db_counts = db.counts();
+    let mut svc = Fallback::new(cache, db).accept(hit);
+    let hit_fut = svc.ready().await.unwrap().call(2);
+    let miss_fut = svc.ready().await.unwrap().call(3);
+    drop(svc);
+    assert_eq!(db_counts.alive(), 2, "one clone in each response future");
+    assert_eq!(hit_fut.await, Ok(from("cache", 2)));
+    assert_eq!(miss_fut.await, Ok(from("db", 300)));
+    assert_eq!((db_counts.alive(), db_counts.in_flight()), (0, 0));
+}
+
 // ---------------------------------------------------------------------------------
 // Misuse
 // ---------------------------------------------------------------------------------
