@@ -262,3 +262,47 @@ async fn a_whole_router_wrapped_before_routing() {
 
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_short_reaches_no_branch_and_hangs_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (cache_calls, origin_calls) = (Tracker::default(), Tracker::default());
+    let cache = cache_calls.clone();
+    let app = Router::new()
+        .route(
+            "/echo",
+            post_route(move || {
+                cache.start("/echo").finish();
+                async { (StatusCode::NOT_FOUND, "miss") }
+            }),
+        )
+        .route_layer(
+            FallbackLayer::new(origin(origin_calls.clone()))
+                .accept(RejectStatus(StatusCode::NOT_FOUND))
+                .buffer_bodies(),
+        );
+    let server = Server::axum(app).await;
+
+    // A client that announces 1000 bytes, sends 10 and stops sending.
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = "POST /echo HTTP/1.1\r\nhost: app\r\ncontent-length: 1000\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(b"0123456789").await.unwrap();
+    stream.shutdown().await.unwrap();
+
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        crate::support::OBSERVE_LIMIT,
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the server neither answered nor closed");
+    // The body failed while being read: `400`, and neither branch saw the request.
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 Bad Request"), "{answer}");
+    assert_eq!(cache_calls.started(), 0);
+    assert_eq!(origin_calls.started(), 0);
+
+    server.stop().await;
+}
