@@ -5,7 +5,8 @@
 //! `http::Request<B>` is only `Clone` when its body is — a streamed body (axum's,
 //! hyper's, tonic's) is not. [`BufferBody`] (or [`BufferBodyLayer`]) reads the body
 //! into memory first, up to a cap, and calls the fallback service with an
-//! `http::Request<`[`ReplayBody`]`>`, which clones for the price of a reference count:
+//! `http::Request<`[`ReplayBody`]`>`, whose body clones for the price of a reference
+//! count (the head — URI, headers, extensions — is copied as `Request::clone` does):
 //!
 //! ```text
 //! request ──▶ BufferBody ──▶ Fallback ─┬─▶ primary   (Request<ReplayBody>)
