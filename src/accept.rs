@@ -17,6 +17,21 @@
 //! assert!(!hit.accept(&Ok(None)));
 //! assert!(!hit.accept(&Err(())));
 //! ```
+//!
+//! Named predicates such as [`AcceptOk`] judge results of every type, so a method call
+//! like `AcceptOk.not()` leaves the compiler nothing to pick the types from. Build such
+//! combinations with [`And::new`], [`Or::new`] and [`Not::new`] instead; the types are
+//! then fixed where the predicate is used:
+//!
+//! ```
+//! use tower_backstop::accept::{Accept, AcceptAll, AcceptOk, Not};
+//!
+//! // Accepts only errors.
+//! let errors_only = Not::new(AcceptOk);
+//! assert!(errors_only.accept(&Err::<u32, &str>("down")));
+//! assert!(!errors_only.accept(&Ok::<u32, &str>(1)));
+//! # let _ = Not::new(AcceptAll);
+//! ```
 
 use std::fmt;
 
@@ -39,7 +54,7 @@ pub trait Accept<T, E> {
         Self: Sized,
         O: Accept<T, E>,
     {
-        And { a: self, b: other }
+        And::new(self, other)
     }
 
     /// Accepts a result if either `self` or `other` accepts it.
@@ -50,7 +65,7 @@ pub trait Accept<T, E> {
         Self: Sized,
         O: Accept<T, E>,
     {
-        Or { a: self, b: other }
+        Or::new(self, other)
     }
 
     /// Accepts exactly the results that `self` rejects.
@@ -58,7 +73,7 @@ pub trait Accept<T, E> {
     where
         Self: Sized,
     {
-        Not { inner: self }
+        Not::new(self)
     }
 }
 
@@ -96,11 +111,18 @@ impl<T, E> Accept<T, E> for AcceptAll {
     }
 }
 
-/// Predicate returned by [`Accept::and`].
+/// Accepts a result only if both predicates do. Returned by [`Accept::and`].
 #[derive(Clone, Copy, Default)]
 pub struct And<A, B> {
     a: A,
     b: B,
+}
+
+impl<A, B> And<A, B> {
+    /// Accepts what both `a` and `b` accept; `b` is not asked when `a` rejects.
+    pub const fn new(a: A, b: B) -> Self {
+        And { a, b }
+    }
 }
 
 impl<T, E, A, B> Accept<T, E> for And<A, B>
@@ -113,11 +135,18 @@ where
     }
 }
 
-/// Predicate returned by [`Accept::or`].
+/// Accepts a result if either predicate does. Returned by [`Accept::or`].
 #[derive(Clone, Copy, Default)]
 pub struct Or<A, B> {
     a: A,
     b: B,
+}
+
+impl<A, B> Or<A, B> {
+    /// Accepts what `a` or `b` accepts; `b` is not asked when `a` accepts.
+    pub const fn new(a: A, b: B) -> Self {
+        Or { a, b }
+    }
 }
 
 impl<T, E, A, B> Accept<T, E> for Or<A, B>
@@ -130,10 +159,17 @@ where
     }
 }
 
-/// Predicate returned by [`Accept::not`].
+/// Accepts exactly what the inner predicate rejects. Returned by [`Accept::not`].
 #[derive(Clone, Copy, Default)]
 pub struct Not<A> {
     inner: A,
+}
+
+impl<A> Not<A> {
+    /// Accepts exactly what `inner` rejects.
+    pub const fn new(inner: A) -> Self {
+        Not { inner }
+    }
 }
 
 impl<T, E, A> Accept<T, E> for Not<A>

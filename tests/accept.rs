@@ -1,6 +1,6 @@
 //! The accept predicates: closures, the named predicates and their combinators.
 
-use tower_backstop::accept::{Accept, AcceptAll, AcceptOk};
+use tower_backstop::accept::{Accept, AcceptAll, AcceptOk, And, Not, Or};
 
 type R = Result<Option<u32>, &'static str>;
 
@@ -29,14 +29,14 @@ fn combinators() {
         [true, false, false]
     );
 
-    // `AcceptOk` accepts every `T, E`, so the types are named where nothing else fixes them.
-    let some_or_error = (some as fn(&R) -> bool).or(Accept::<Option<u32>, &str>::not(AcceptOk));
+    // `AcceptOk` judges every `T, E`: `Not::new` leaves the types to the use site.
+    let some_or_error = (some as fn(&R) -> bool).or(Not::new(AcceptOk));
     assert_eq!(
         [&hit, &miss, &err].map(|r| some_or_error.accept(r)),
         [true, false, true]
     );
 
-    let never = Accept::<Option<u32>, &str>::not(AcceptAll);
+    let never = Not::new(AcceptAll);
     assert_eq!(
         [&hit, &miss, &err].map(|r| never.accept(r)),
         [false, false, false]
@@ -55,4 +55,19 @@ fn combinators_short_circuit() {
     assert!(!AcceptOk.and(&counting).accept(&err));
     assert!(AcceptAll.or(&counting).accept(&err));
     assert_eq!(asked.get(), 0);
+}
+
+#[test]
+fn constructors_combine_predicates_of_every_type() {
+    let (hit, miss, err): (R, R, R) = (Ok(Some(1)), Ok(None), Err("down"));
+    let ok_and_all = And::new(AcceptOk, AcceptAll);
+    let ok_or_none = Or::new(Not::new(AcceptAll), AcceptOk);
+    assert_eq!(
+        [&hit, &miss, &err].map(|r| ok_and_all.accept(r)),
+        [true, true, false]
+    );
+    assert_eq!(
+        [&hit, &miss, &err].map(|r| ok_or_none.accept(r)),
+        [true, true, false]
+    );
 }

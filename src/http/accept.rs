@@ -2,21 +2,22 @@
 //!
 //! These predicates judge an `Ok(http::Response<B>)` by its head; every `Err` is
 //! rejected, as with [`AcceptOk`](crate::accept::AcceptOk). They combine with
-//! [`Accept::and`] and [`Accept::or`]. Since each of them judges responses with any
-//! body and any error, a combination of two of them names the types it judges:
+//! [`And`](crate::accept::And), [`Or`](crate::accept::Or) and
+//! [`Not`](crate::accept::Not) (or [`Accept::and`] and the like, when a closure in the
+//! combination fixes the types):
 //!
 //! ```
 //! use http::{Response, StatusCode};
 //! use std::convert::Infallible;
-//! use tower_backstop::{accept::Accept, http::accept::{RejectServerErrors, RejectStatus}};
+//! use tower_backstop::{
+//!     accept::{Accept, And},
+//!     http::accept::{RejectServerErrors, RejectStatus},
+//! };
 //!
 //! type Answer = Result<Response<String>, Infallible>;
 //!
 //! // A cache that answers 404 on a miss and 5xx when it is in trouble.
-//! let hit = Accept::<Response<String>, Infallible>::and(
-//!     RejectServerErrors,
-//!     RejectStatus(StatusCode::NOT_FOUND),
-//! );
+//! let hit = And::new(RejectServerErrors, RejectStatus(StatusCode::NOT_FOUND));
 //!
 //! let answer = |status: u16| -> Answer {
 //!     Ok(Response::builder().status(status).body(String::new()).unwrap())

@@ -3,7 +3,7 @@
 use http::{Response, StatusCode};
 use std::convert::Infallible;
 use tower_backstop::{
-    accept::{Accept, AcceptOk},
+    accept::{Accept, AcceptOk, And, Not},
     http::accept::{GrpcCode, GrpcStatus, RejectServerErrors, RejectStatus, StatusIn},
 };
 
@@ -51,8 +51,7 @@ fn status_predicates_judge_ok_responses_and_reject_errors() {
 
 #[test]
 fn status_predicates_combine() {
-    let hit =
-        Accept::<Response<()>, &str>::and(RejectServerErrors, RejectStatus(StatusCode::NOT_FOUND));
+    let hit = And::new(RejectServerErrors, RejectStatus(StatusCode::NOT_FOUND));
     assert!(hit.accept(&status(200)));
     assert!(hit.accept(&status(410)));
     assert!(!hit.accept(&status(404)));
@@ -60,10 +59,10 @@ fn status_predicates_combine() {
     assert!(!hit.accept(&ERR));
 
     // `not` flips the verdict on errors too; `AcceptOk` keeps them rejected.
-    let only_404 = Accept::<Response<()>, &str>::not(RejectStatus(StatusCode::NOT_FOUND));
+    let only_404 = Not::new(RejectStatus(StatusCode::NOT_FOUND));
     assert!(only_404.accept(&status(404)));
     assert!(only_404.accept(&ERR));
-    let only_404_ok = AcceptOk.and(|r: &Answer| only_404.accept(r));
+    let only_404_ok = And::new(AcceptOk, only_404);
     assert!(only_404_ok.accept(&status(404)));
     assert!(!only_404_ok.accept(&status(200)));
     assert!(!only_404_ok.accept(&ERR));
