@@ -62,6 +62,17 @@ impl<F, A, E> FallbackLayer<F, A, E> {
         }
     }
 
+    /// Replaces the fallback service with `f(fallback)`, keeping the configuration:
+    /// for wrapping the fallback in a middleware of its own after the fact.
+    pub fn map_fallback<F2>(self, f: impl FnOnce(F) -> F2) -> FallbackLayer<F2, A, E> {
+        FallbackLayer {
+            fallback: f(self.fallback),
+            accept: self.accept,
+            eligible: self.eligible,
+            settings: self.settings,
+        }
+    }
+
     /// Sets when the fallback starts. Default: [`Launch::Concurrent`].
     /// See [`Fallback::launch`].
     pub fn launch(mut self, launch: Launch) -> Self {

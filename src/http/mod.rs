@@ -197,10 +197,12 @@ pub mod accept;
 mod body;
 mod buffer;
 pub mod future;
+mod mark;
 
 pub use self::{
     body::ReplayBody,
     buffer::{BufferBody, BufferBodyLayer, DEFAULT_MAX_BYTES},
+    mark::{MarkFuture, MarkServedBy, MarkServedByLayer, ServedBy, X_SERVED_BY},
 };
 
 use crate::{Fallback, FallbackLayer};
@@ -216,6 +218,61 @@ impl<F, A, E> FallbackLayer<F, A, E> {
     #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn buffer_bodies(self) -> Stack<Self, BufferBodyLayer> {
         Stack::new(self, BufferBodyLayer::new())
+    }
+}
+
+impl<F, A, E> FallbackLayer<F, A, E> {
+    /// Marks every response with the branch that served it: a [`ServedBy`] response
+    /// extension, and with `header: Some(name)` (e.g. [`X_SERVED_BY`]) a header too.
+    ///
+    /// Returns a stack that wraps the primary in [`MarkServedByLayer::primary`] inside
+    /// this layer, whose fallback is wrapped in [`MarkServedBy`]. The accept predicate
+    /// sees the marked primary response. Put [`BufferBodyLayer`] outside it when the
+    /// requests have bodies.
+    ///
+    /// ```
+    /// use axum::{body::Body, http::{Request, StatusCode}, routing::get, Router};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower_backstop::{
+    ///     http::{accept::RejectStatus, BufferBodyLayer, ServedBy, X_SERVED_BY},
+    ///     FallbackLayer,
+    /// };
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let origin = Router::new().route("/", get(|| async { "from the origin" }));
+    /// let app = Router::new()
+    ///     .route("/", get(|| async { StatusCode::NOT_FOUND }))
+    ///     .layer(
+    ///         ServiceBuilder::new().layer(BufferBodyLayer::new()).layer(
+    ///             FallbackLayer::new(origin)
+    ///                 .accept(RejectStatus(StatusCode::NOT_FOUND))
+    ///                 .mark_served_by(Some(X_SERVED_BY)),
+    ///         ),
+    ///     );
+    ///
+    /// let response = app.oneshot(Request::get("/").body(Body::empty()).unwrap()).await.unwrap();
+    /// assert_eq!(response.headers()[X_SERVED_BY], "fallback");
+    /// assert_eq!(response.extensions().get::<ServedBy>(), Some(&ServedBy::Fallback));
+    /// # }
+    /// ```
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+    pub fn mark_served_by(
+        self,
+        header: Option<http::HeaderName>,
+    ) -> Stack<MarkServedByLayer, FallbackLayer<MarkServedBy<F>, A, E>> {
+        let mut primary = MarkServedByLayer::primary();
+        if let Some(name) = &header {
+            primary = primary.header(name.clone());
+        }
+        let layer = self.map_fallback(|fallback| {
+            let marked = MarkServedBy::new(fallback, ServedBy::Fallback);
+            match header {
+                Some(name) => marked.header(name),
+                None => marked,
+            }
+        });
+        Stack::new(primary, layer)
     }
 }
 

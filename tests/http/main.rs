@@ -12,6 +12,7 @@ mod axum_stack;
 mod buffer;
 mod cancel;
 mod hyper_client;
+mod mark;
 mod stacking;
 mod support;
 mod tonic_client;
