@@ -79,7 +79,7 @@ use std::{
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle, time::sleep};
 use tower::{retry::budget::TpsBudget, Service, ServiceBuilder, ServiceExt};
 use tower_backstop::{
-    accept::{Accept, And},
+    accept::And,
     http::{
         accept::{RejectServerErrors, RejectStatus},
         MarkServedBy, ReplayBody, X_SERVED_BY,
@@ -547,10 +547,7 @@ impl Service<Request<ReplayBody>> for Upstream {
 type Hit = And<RejectStatus, RejectServerErrors>;
 
 fn hit() -> Hit {
-    Accept::<Response<Incoming>, ClientError>::and(
-        RejectStatus(StatusCode::NOT_FOUND),
-        RejectServerErrors,
-    )
+    And::new(RejectStatus(StatusCode::NOT_FOUND), RejectServerErrors)
 }
 
 /// The cache, backed by the database; every answer marked `x-served-by: primary` or
