@@ -8,26 +8,40 @@
 //! a test cannot pass by not doing the work. Two control tests show that the counter
 //! does see allocations in the window, so the 0 means something.
 //!
+//! The same holds under every launch policy and option, one test each: `Sequential`,
+//! `Delayed` (inside an entered tokio runtime), a `TpsBudget`, an outcome hook, and
+//! `Stats`. Those tests also serve "slow" requests, whose primary is pending on its first
+//! poll: that is what launches the fallback speculatively, arms a launch delay in
+//! tokio's timer (and cancels it when the primary answers), and withdraws from a budget.
+//!
 //! Windows are serialized by a mutex and count only on the thread that opened them, so
 //! the tests can run in parallel with each other and with the test harness.
+//!
+//! Set `ALLOC_BACKTRACE=1` to print a backtrace of the first few allocations counted in
+//! each window: `ALLOC_BACKTRACE=1 cargo test --all-features --test alloc -- --nocapture`.
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
+    backtrace::Backtrace,
     cell::Cell,
     convert::Infallible,
     future::{ready, Future},
     hint::black_box,
-    pin::pin,
+    pin::{pin, Pin},
     sync::{
-        atomic::{AtomicUsize, Ordering},
-        Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError,
     },
     task::{Context, Poll},
 };
 
 use futures_util::task::noop_waker_ref;
-use tower::{service_fn, util::BoxService, Service, ServiceBuilder};
-use tower_backstop::FallbackLayer;
+use tower::{service_fn, util::BoxService, Layer, Service, ServiceBuilder};
+use tower_backstop::{
+    launch::Launch,
+    outcome::{Outcome, Served, Stats},
+    FallbackLayer,
+};
 
 /// Requests served in each measured window.
 const N: u64 = 1000;
@@ -44,16 +58,40 @@ struct CountingAllocator;
 /// Allocations made while counting was on, on any thread.
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 
+/// Whether counted allocations print a backtrace (`ALLOC_BACKTRACE` set), read when a
+/// window opens: reading the environment allocates.
+static BACKTRACES: AtomicBool = AtomicBool::new(false);
+
+/// Backtraces printed per window, at most.
+const MAX_BACKTRACES: usize = 3;
+
 thread_local! {
     /// Whether this thread's allocations are counted. `const`-initialized and without a
     /// destructor, so reading it never allocates.
     static COUNTING: Cell<bool> = const { Cell::new(false) };
+    /// Set while a backtrace is captured and printed: those allocations are the
+    /// report's own, neither counted nor reported.
+    static REPORTING: Cell<bool> = const { Cell::new(false) };
+    /// Backtraces printed in the current window.
+    static REPORTED: Cell<usize> = const { Cell::new(0) };
 }
 
 fn count_one() {
     // `try_with`: the allocator can run while this thread's locals are being torn down.
-    if COUNTING.try_with(Cell::get).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    if !COUNTING.try_with(Cell::get).unwrap_or(false)
+        || REPORTING.try_with(Cell::get).unwrap_or(true)
+    {
+        return;
+    }
+    ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    if BACKTRACES.load(Ordering::Relaxed) && REPORTED.with(Cell::get) < MAX_BACKTRACES {
+        REPORTED.with(|n| n.set(n.get() + 1));
+        REPORTING.with(|r| r.set(true));
+        eprintln!(
+            "allocation counted in a window, at:\n{}",
+            Backtrace::force_capture()
+        );
+        REPORTING.with(|r| r.set(false));
     }
 }
 
@@ -108,6 +146,11 @@ fn allocations_in<R>(f: impl FnOnce() -> R) -> (usize, R) {
     // A test that failed while holding the lock leaves the counter consistent: counting
     // was switched off by `CountingOn`'s drop before the lock was released.
     let _window = WINDOW.lock().unwrap_or_else(PoisonError::into_inner);
+    BACKTRACES.store(
+        std::env::var_os("ALLOC_BACKTRACE").is_some(),
+        Ordering::Relaxed,
+    );
+    REPORTED.with(|n| n.set(0));
     let before = ALLOCATIONS.load(Ordering::SeqCst);
     let counting = CountingOn::start();
     let output = f();
@@ -241,4 +284,231 @@ fn control_counter_sees_allocations_inside_requests() {
 
     assert_eq!(served_by_cache, N);
     assert_eq!(allocations, N as usize, "one boxed future per request");
+}
+
+// ---- every launch policy and option ----
+
+/// A key with this bit set is "slow": the cache's future is pending on its first poll.
+const SLOW: u64 = 1 << 40;
+
+/// Requests served in the warm-up of each kind (fast and slow, hits and misses).
+const WARM_UP: u64 = 10;
+
+/// A future that answers on its second poll if `pending`, else on its first.
+struct PendingOnce<T> {
+    pending: bool,
+    answer: Option<T>,
+}
+
+impl<T: Unpin> Future for PendingOnce<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        if self.pending {
+            self.pending = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(self.answer.take().expect("polled after completion"))
+    }
+}
+
+/// A cache that hits on even keys and misses on odd ones, and is pending once on slow
+/// keys. A named type, so that every test builds its stack with the same helper.
+#[derive(Clone, Copy, Debug)]
+struct Cache;
+
+impl Service<u64> for Cache {
+    type Response = Option<u64>;
+    type Error = Infallible;
+    type Future = PendingOnce<Answer>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, key: u64) -> Self::Future {
+        PendingOnce {
+            pending: key & SLOW != 0,
+            answer: Some(Ok((key % 2 == 0).then_some(key))),
+        }
+    }
+}
+
+/// A database that has every row, and answers at once.
+#[derive(Clone, Copy, Debug)]
+struct Db;
+
+impl Service<u64> for Db {
+    type Response = Option<u64>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Answer>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, key: u64) -> Self::Future {
+        ready(Ok(Some(key | FROM_DB)))
+    }
+}
+
+fn is_hit(r: &Answer) -> bool {
+    matches!(r, Ok(Some(_)))
+}
+
+/// The layer every policy test starts from.
+fn layer() -> FallbackLayer<Db, fn(&Answer) -> bool> {
+    FallbackLayer::new(Db).accept(is_hit as fn(&Answer) -> bool)
+}
+
+/// Serves one request, polling until it answers: at most twice, since the cache is
+/// pending at most once and the database never.
+fn serve_polling<S>(svc: &mut S, key: u64) -> Answer
+where
+    S: Service<u64, Response = Option<u64>, Error = Infallible>,
+{
+    let mut cx = Context::from_waker(noop_waker_ref());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        Poll::Ready(Err(never)) => match never {},
+        Poll::Pending => panic!("service not ready"),
+    }
+    let mut future = pin!(svc.call(key));
+    for _ in 0..2 {
+        if let Poll::Ready(answer) = future.as_mut().poll(&mut cx) {
+            return answer;
+        }
+    }
+    panic!("response future still pending after the primary answered");
+}
+
+/// The four kinds of request every policy test serves.
+const KINDS: [(&str, u64, bool); 4] = [
+    ("hits", 0, true),
+    ("misses", 1, false),
+    ("slow hits", SLOW, true),
+    ("slow misses", SLOW | 1, false),
+];
+
+/// `n` keys of one kind, all distinct.
+fn keys(first: u64, n: u64) -> impl Iterator<Item = u64> {
+    (0..n).map(move |i| first + 2 * i)
+}
+
+/// Layers `layer` over the cache, warms it up, then serves `N` requests of every kind
+/// inside a window each: every answer must be right and the window must count 0
+/// allocations.
+fn serves_every_kind_without_allocating<L>(layer: L)
+where
+    L: Layer<Cache>,
+    L::Service: Service<u64, Response = Option<u64>, Error = Infallible>,
+{
+    let mut svc = layer.layer(Cache);
+    for (kind, first, hit) in KINDS {
+        let expected = if hit { from_cache } else { from_db };
+        for key in keys(first, WARM_UP) {
+            assert_eq!(
+                serve_polling(&mut svc, key),
+                Ok(Some(expected(key))),
+                "{kind}"
+            );
+        }
+    }
+
+    for (kind, first, hit) in KINDS {
+        let expected = if hit { from_cache } else { from_db };
+        let (allocations, correct) = allocations_in(|| {
+            let mut correct = 0;
+            for key in keys(first, N) {
+                if serve_polling(&mut svc, black_box(key)) == Ok(Some(expected(key))) {
+                    correct += 1;
+                }
+            }
+            correct
+        });
+        let by = if hit { "primary" } else { "fallback" };
+        assert_eq!(correct, N, "every one of the {kind} is served by the {by}");
+        assert_eq!(allocations, 0, "allocations while serving {N} {kind}");
+    }
+}
+
+/// Requests each policy test serves in all, warm-up included, and how many of them the
+/// primary and the fallback serve.
+const SERVED: u64 = 4 * (WARM_UP + N);
+const SERVED_BY_EACH: u64 = SERVED / 2;
+
+#[test]
+fn concurrent_with_slow_primaries_allocates_nothing() {
+    // The existing tests' primaries always answer on the first poll, so the fallback is
+    // only ever launched after a rejection; slow ones launch it speculatively.
+    serves_every_kind_without_allocating(layer());
+}
+
+#[test]
+fn sequential_allocates_nothing() {
+    serves_every_kind_without_allocating(layer().launch(Launch::Sequential));
+}
+
+#[cfg(feature = "time")]
+#[test]
+fn delayed_allocates_nothing() {
+    // A slow request arms the launch delay in tokio's timer on its first poll and
+    // cancels it on the second, when the primary answers (the delay never runs out).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _entered = rt.enter();
+    serves_every_kind_without_allocating(
+        layer().launch(Launch::Delayed(std::time::Duration::from_secs(60))),
+    );
+}
+
+#[cfg(feature = "budget")]
+#[test]
+fn budget_allocates_nothing() {
+    use tower::retry::budget::TpsBudget;
+    // Every request deposits; every slow one withdraws for its speculative launch. A
+    // refused withdrawal makes the request sequential, which is still served right.
+    serves_every_kind_without_allocating(layer().budget(TpsBudget::default()));
+}
+
+#[test]
+fn outcome_hook_allocates_nothing() {
+    let served = Arc::new([
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    ]);
+    let counts = Arc::clone(&served);
+    let hook = move |outcome: &Outcome| {
+        let i = match outcome.served {
+            Served::Primary => 0,
+            Served::Fallback => 1,
+            _ => 2,
+        };
+        counts[i].fetch_add(1, Ordering::Relaxed);
+    };
+    serves_every_kind_without_allocating(layer().on_outcome(hook));
+
+    let [by_primary, by_fallback, other] = &*served;
+    assert_eq!(by_primary.load(Ordering::Relaxed) as u64, SERVED_BY_EACH);
+    assert_eq!(by_fallback.load(Ordering::Relaxed) as u64, SERVED_BY_EACH);
+    assert_eq!(other.load(Ordering::Relaxed), 0, "nothing abandoned");
+}
+
+#[test]
+fn stats_allocate_nothing() {
+    let stats = Stats::new();
+    serves_every_kind_without_allocating(layer().stats(stats.clone()));
+
+    let counted = stats.snapshot();
+    assert_eq!(counted.requests, SERVED);
+    assert_eq!(counted.served_by_primary, SERVED_BY_EACH);
+    assert_eq!(counted.served_by_fallback, SERVED_BY_EACH);
+    assert_eq!(counted.abandoned, 0);
+    // Slow requests launch speculatively under `Concurrent`; fast misses after rejection.
+    assert_eq!(counted.speculative_launches, 2 * (WARM_UP + N));
+    assert_eq!(counted.fallback_launches, 3 * (WARM_UP + N));
 }
