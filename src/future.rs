@@ -21,6 +21,10 @@ pin_project! {
     /// side, without spawning a task. It resolves to the primary's result as soon as
     /// the predicate accepts it — dropping the fallback's future, or its pending
     /// readiness, on the spot — and otherwise to the fallback's result.
+    ///
+    /// Like most futures, it panics if polled again after it has completed. Dropping
+    /// it at any point drops both branches (and, with an outcome observer, reports the
+    /// request as [`Served::Abandoned`](crate::outcome::Served::Abandoned)).
     #[project = ResponseFutureProj]
     pub struct ResponseFuture<PF, F, Req, A>
     where
@@ -125,9 +129,9 @@ where
                 this.speculation.tracker.primary_answered(accepted);
                 if accepted {
                     // Drop the fallback — its readiness, its future or its held answer —
-                    // before the response is handed back.
-                    this.speculation.tracker.finish(Served::Primary);
+                    // before the response is handed back, and before it is reported.
                     this.fallback.set(Branch::Done);
+                    this.speculation.tracker.finish(Served::Primary);
                     return Poll::Ready(result);
                 }
                 // Rejected: the fallback starts now if it has not yet, whatever the
@@ -201,10 +205,10 @@ where
                     // A readiness error is the fallback's answer, served only if it is
                     // needed, like any other fallback error.
                     Poll::Ready(Err(error)) => {
-                        this.speculation.tracker.fallback_answered(primary_pending);
+                        this.speculation.tracker.fallback_unready();
                         if !primary_pending {
-                            this.speculation.tracker.finish(Served::Fallback);
                             this.fallback.set(Branch::Done);
+                            this.speculation.tracker.finish(Served::Fallback);
                             return Poll::Ready(Err(error));
                         }
                         this.fallback.set(Branch::Answered {
@@ -220,8 +224,8 @@ where
                     };
                     this.speculation.tracker.fallback_answered(primary_pending);
                     if !primary_pending {
-                        this.speculation.tracker.finish(Served::Fallback);
                         this.fallback.set(Branch::Done);
+                        this.speculation.tracker.finish(Served::Fallback);
                         return Poll::Ready(result);
                     }
                     // The primary is preferred: hold the fallback's answer until the
@@ -249,8 +253,8 @@ where
                         this.speculation.primary_cut_short();
                     }
                     let result = result.take().expect("answer is held until handed out");
-                    this.speculation.tracker.finish(Served::Fallback);
                     this.fallback.set(Branch::Done);
+                    this.speculation.tracker.finish(Served::Fallback);
                     return Poll::Ready(result);
                 }
                 BranchProj::Done => panic!("`ResponseFuture` polled after completion"),
@@ -267,7 +271,7 @@ where
         let primary = if self.primary.is_some() {
             "Pending"
         } else {
-            "Rejected"
+            "Done"
         };
         let fallback = match &self.fallback {
             Branch::NotReady { .. } if !self.speculation.launched => "Waiting",

@@ -75,7 +75,8 @@ pub enum Launched {
     /// Speculatively, once the primary had been pending for the adaptive delay.
     Adaptive,
     /// After the primary was rejected: the policy is [`Launch::Sequential`], or the
-    /// primary was rejected before a delay ran out.
+    /// primary was rejected before the speculative launch (on its first poll, or before
+    /// a delay ran out).
     AfterRejection,
     /// After the primary was rejected, because the budget refused a speculative launch.
     BudgetRefused,
@@ -178,23 +179,23 @@ impl Settings {
             Launch::Adaptive(adaptive) => Some(adaptive::Sampler::start(adaptive)),
             _ => None,
         };
-        let plan = if !eligible {
-            Plan::OnReject(Launched::NotEligible)
-        } else {
-            match &self.launch {
-                Launch::Concurrent => Plan::Now,
-                Launch::Sequential => Plan::OnReject(Launched::AfterRejection),
-                #[cfg(feature = "time")]
-                Launch::Delayed(delay) => {
-                    Plan::At(tokio::time::Instant::now() + *delay, Launched::Delayed)
-                }
-                #[cfg(feature = "adaptive")]
-                Launch::Adaptive(adaptive) => {
-                    let start = estimate
-                        .as_ref()
-                        .map_or_else(tokio::time::Instant::now, |s| s.start_time());
-                    Plan::At(start + adaptive.delay(), Launched::Adaptive)
-                }
+        let plan = match &self.launch {
+            Launch::Concurrent if !eligible => Plan::OnReject(Launched::NotEligible),
+            Launch::Concurrent => Plan::Now,
+            // Sequential never speculates: eligibility makes no difference to it.
+            Launch::Sequential => Plan::OnReject(Launched::AfterRejection),
+            #[cfg(feature = "time")]
+            _ if !eligible => Plan::OnReject(Launched::NotEligible),
+            #[cfg(feature = "time")]
+            Launch::Delayed(delay) => {
+                Plan::after(tokio::time::Instant::now(), *delay, Launched::Delayed)
+            }
+            #[cfg(feature = "adaptive")]
+            Launch::Adaptive(adaptive) => {
+                let start = estimate
+                    .as_ref()
+                    .map_or_else(tokio::time::Instant::now, |s| s.start_time());
+                Plan::after(start, adaptive.delay(), Launched::Adaptive)
             }
         };
         Speculation {
@@ -228,6 +229,18 @@ pub(crate) enum Plan {
 }
 
 impl Plan {
+    /// Speculate once `delay` has passed since `start`. A delay too long to be
+    /// represented (`Duration::MAX`, say) never passes: the fallback then starts only
+    /// after a rejection, as with `Launch::Sequential`.
+    #[cfg(feature = "time")]
+    #[inline]
+    fn after(start: tokio::time::Instant, delay: Duration, why: Launched) -> Plan {
+        match start.checked_add(delay) {
+            Some(deadline) => Plan::At(deadline, why),
+            None => Plan::OnReject(Launched::AfterRejection),
+        }
+    }
+
     /// The reason a launch made now would be reported with.
     #[inline]
     pub(crate) fn reason(self, primary_pending: bool) -> Launched {

@@ -30,10 +30,10 @@ use tower_layer::Layer;
 /// # let _ = svc;
 /// ```
 #[derive(Clone)]
-pub struct FallbackLayer<F, A = AcceptOk, E = AnyRequest> {
+pub struct FallbackLayer<F, A = AcceptOk, S = AnyRequest> {
     fallback: F,
     accept: A,
-    eligible: E,
+    eligible: S,
     settings: Settings,
 }
 
@@ -50,10 +50,10 @@ impl<F> FallbackLayer<F> {
     }
 }
 
-impl<F, A, E> FallbackLayer<F, A, E> {
+impl<F, A, S> FallbackLayer<F, A, S> {
     /// Replaces the predicate that decides whether the primary's result stands.
     /// Default: [`AcceptOk`]. See [`Fallback::accept`].
-    pub fn accept<A2>(self, accept: A2) -> FallbackLayer<F, A2, E> {
+    pub fn accept<A2>(self, accept: A2) -> FallbackLayer<F, A2, S> {
         FallbackLayer {
             fallback: self.fallback,
             accept,
@@ -64,7 +64,7 @@ impl<F, A, E> FallbackLayer<F, A, E> {
 
     /// Replaces the fallback service with `f(fallback)`, keeping the configuration:
     /// for wrapping the fallback in a middleware of its own after the fact.
-    pub fn map_fallback<F2>(self, f: impl FnOnce(F) -> F2) -> FallbackLayer<F2, A, E> {
+    pub fn map_fallback<F2>(self, f: impl FnOnce(F) -> F2) -> FallbackLayer<F2, A, S> {
         FallbackLayer {
             fallback: f(self.fallback),
             accept: self.accept,
@@ -92,9 +92,21 @@ impl<F, A, E> FallbackLayer<F, A, E> {
         self
     }
 
+    /// Like [`budget`](FallbackLayer::budget), with a budget you keep a handle to.
+    /// See [`Fallback::shared_budget`].
+    #[cfg(feature = "budget")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
+    pub fn shared_budget<B>(mut self, budget: std::sync::Arc<B>) -> Self
+    where
+        B: tower::retry::budget::Budget + Send + Sync + 'static,
+    {
+        self.settings.budget = Some(budget);
+        self
+    }
+
     /// Lets only the requests `eligible` approves start their fallback speculatively.
     /// Default: [`AnyRequest`]. See [`Fallback::speculate_if`].
-    pub fn speculate_if<E2>(self, eligible: E2) -> FallbackLayer<F, A, E2> {
+    pub fn speculate_if<S2>(self, eligible: S2) -> FallbackLayer<F, A, S2> {
         FallbackLayer {
             fallback: self.fallback,
             accept: self.accept,
@@ -113,7 +125,7 @@ impl<F, A, E> FallbackLayer<F, A, E> {
     }
 }
 
-impl<F, A, E> FallbackLayer<F, A, E> {
+impl<F, A, S> FallbackLayer<F, A, S> {
     /// Calls `hook` with the outcome of every request finished by any service this
     /// layer builds. Default: no hook. See [`Fallback::on_outcome`].
     pub fn on_outcome<H>(mut self, hook: H) -> Self
@@ -143,13 +155,13 @@ impl<F, A, E> FallbackLayer<F, A, E> {
     }
 }
 
-impl<P, F, A, E> Layer<P> for FallbackLayer<F, A, E>
+impl<P, F, A, S> Layer<P> for FallbackLayer<F, A, S>
 where
     F: Clone,
     A: Clone,
-    E: Clone,
+    S: Clone,
 {
-    type Service = Fallback<P, F, A, E>;
+    type Service = Fallback<P, F, A, S>;
 
     fn layer(&self, primary: P) -> Self::Service {
         Fallback::from_parts(
@@ -162,7 +174,7 @@ where
     }
 }
 
-impl<F, A, E> fmt::Debug for FallbackLayer<F, A, E>
+impl<F, A, S> fmt::Debug for FallbackLayer<F, A, S>
 where
     F: fmt::Debug,
 {

@@ -23,8 +23,9 @@
 //! the primary has been judged. Which answers count is decided by an
 //! [`Accept`](accept::Accept) predicate, by default [`AcceptOk`](accept::AcceptOk).
 //!
-//! The middleware spawns no task and allocates nothing per request, takes no lock unless
-//! a feature you turned on needs one, and the error type passes through: with two
+//! The middleware spawns no task and allocates nothing per request (beyond what cloning
+//! your request for the fallback costs), takes no lock unless a feature you turned on
+//! needs one, and the error type passes through: with two
 //! `Infallible` services, the stack stays `Infallible`, so axum needs no
 //! `HandleErrorLayer`.
 //!

@@ -101,6 +101,9 @@ pub enum Fate {
     DroppedInFlight,
     /// It answered, and its answer was thrown away: wasted work.
     Discarded,
+    /// It failed to become ready (its `poll_ready` returned an error) and that error was
+    /// not needed: it was never called.
+    ReadinessFailed,
     /// Its answer was served.
     Served,
 }
@@ -119,7 +122,8 @@ pub struct Outcome {
     pub launched: Option<Launched>,
     /// Whether the budget refused this request a speculative launch.
     pub budget_refused: bool,
-    /// Whether the fallback answered while the primary was still pending.
+    /// Whether the fallback answered while the primary was still pending (a readiness
+    /// error does not count: the fallback did no work).
     pub fallback_first: bool,
     /// From the call to the primary's answer, if it answered.
     pub primary_latency: Option<Duration>,
@@ -300,6 +304,7 @@ enum Stage {
     Launched,
     Called,
     Answered,
+    Unready,
 }
 
 /// One request's record, carried inline in its response future (no allocation).
@@ -406,6 +411,15 @@ impl Tracker {
         }
     }
 
+    /// The fallback's `poll_ready` failed: its error is its answer, but it did no work.
+    #[inline]
+    pub(crate) fn fallback_unready(&mut self) {
+        if let Some(t) = &mut self.track {
+            t.stage = Stage::Unready;
+            t.fallback_latency = t.launched_at.map(|at| at.elapsed());
+        }
+    }
+
     #[inline]
     pub(crate) fn fallback_answered(&mut self, primary_pending: bool) {
         if let Some(t) = &mut self.track {
@@ -445,6 +459,7 @@ impl Track {
             (_, Stage::Launched) => Fate::DroppedBeforeReady,
             (_, Stage::Called) => Fate::DroppedInFlight,
             (_, Stage::Answered) => Fate::Discarded,
+            (_, Stage::Unready) => Fate::ReadinessFailed,
         };
         let outcome = Outcome {
             served,
@@ -541,7 +556,7 @@ pub(crate) mod metrics_export {
     pub(crate) struct Handles {
         pub(crate) layer: &'static str,
         served: [Counter; 3],
-        fate: [Counter; 5],
+        fate: [Counter; 6],
         launched: [Counter; 6],
         budget_refusals: Counter,
         fallback_first: Counter,
@@ -599,6 +614,7 @@ pub(crate) mod metrics_export {
                     fate("dropped_in_flight"),
                     fate("discarded"),
                     fate("served"),
+                    fate("readiness_failed"),
                 ],
                 launched: [
                     launched("concurrent"),
@@ -634,6 +650,7 @@ pub(crate) mod metrics_export {
                 Fate::DroppedInFlight => 2,
                 Fate::Discarded => 3,
                 Fate::Served => 4,
+                Fate::ReadinessFailed => 5,
             };
             self.fate[fate].increment(1);
             if let Some(why) = o.launched {

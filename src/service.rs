@@ -33,10 +33,18 @@ use tower_service::Service;
 ///
 /// # Load
 ///
-/// Every request whose primary does not answer on the first poll starts a fallback
-/// call: with a primary that answers asynchronously, the fallback sees one call per
-/// request — up to twice the load it would see behind a sequential fallback. Most of
-/// those calls are dropped in flight when the primary is accepted.
+/// Under the default [`Launch::Concurrent`], every request whose primary does not
+/// answer on its first poll starts a fallback call: the fallback sees one call per
+/// request — up to twice the load it would see behind a sequential fallback — most of
+/// them dropped in flight when the primary is accepted. The other policies in
+/// [`launch`](crate::launch), a budget and [`speculate_if`](Fallback::speculate_if)
+/// bound that extra load.
+///
+/// # Misuse
+///
+/// As with any tower service, `call` must follow a successful `poll_ready`; this
+/// service passes `call` on to the primary as is, so what happens otherwise is up to
+/// the primary (tower's `ConcurrencyLimit`, for one, panics).
 ///
 /// # Example
 ///
@@ -67,11 +75,11 @@ use tower_service::Service;
 ///
 /// [`tower::util::Oneshot`]: https://docs.rs/tower/latest/tower/util/struct.Oneshot.html
 #[derive(Clone)]
-pub struct Fallback<P, F, A = AcceptOk, E = AnyRequest> {
+pub struct Fallback<P, F, A = AcceptOk, S = AnyRequest> {
     primary: P,
     fallback: F,
     accept: A,
-    eligible: E,
+    eligible: S,
     settings: Settings,
 }
 
@@ -83,12 +91,12 @@ impl<P, F> Fallback<P, F> {
     }
 }
 
-impl<P, F, A, E> Fallback<P, F, A, E> {
+impl<P, F, A, S> Fallback<P, F, A, S> {
     pub(crate) const fn from_parts(
         primary: P,
         fallback: F,
         accept: A,
-        eligible: E,
+        eligible: S,
         settings: Settings,
     ) -> Self {
         Fallback {
@@ -104,7 +112,7 @@ impl<P, F, A, E> Fallback<P, F, A, E> {
     ///
     /// The predicate sees the primary's whole `Result`; anything it rejects is replaced
     /// by the fallback's result. The default, [`AcceptOk`], accepts every `Ok`.
-    pub fn accept<A2>(self, accept: A2) -> Fallback<P, F, A2, E> {
+    pub fn accept<A2>(self, accept: A2) -> Fallback<P, F, A2, S> {
         Fallback::from_parts(
             self.primary,
             self.fallback,
@@ -140,12 +148,24 @@ impl<P, F, A, E> Fallback<P, F, A, E> {
         self
     }
 
+    /// Like [`budget`](Fallback::budget), with a budget you keep a handle to: to share
+    /// one budget between several layers, or to read it.
+    #[cfg(feature = "budget")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
+    pub fn shared_budget<B>(mut self, budget: std::sync::Arc<B>) -> Self
+    where
+        B: tower::retry::budget::Budget + Send + Sync + 'static,
+    {
+        self.settings.budget = Some(budget);
+        self
+    }
+
     /// Lets only the requests `eligible` approves start their fallback speculatively;
     /// the others are served sequentially. Default: [`AnyRequest`], every request.
     ///
     /// Use it to keep requests that must not run twice (writes, non-idempotent calls)
     /// from reaching the fallback unless the primary has been rejected.
-    pub fn speculate_if<E2>(self, eligible: E2) -> Fallback<P, F, A, E2> {
+    pub fn speculate_if<S2>(self, eligible: S2) -> Fallback<P, F, A, S2> {
         Fallback::from_parts(
             self.primary,
             self.fallback,
@@ -173,8 +193,9 @@ impl<P, F, A, E> Fallback<P, F, A, E> {
     /// service (or a clone) finishes, abandoned ones included. Default: no hook.
     ///
     /// The hook runs inside the response future's `poll` (or its drop, for an abandoned
-    /// request), so it should be quick and must not panic. Without a hook, stats handle
-    /// or `tracing` subscriber, nothing is timed or counted.
+    /// request), after the branch that was not served has been dropped, so it should be
+    /// quick and must not panic. There is one hook: calling this again replaces it.
+    /// Without a hook, stats handle or `tracing` subscriber, nothing is timed or counted.
     pub fn on_outcome<H>(mut self, hook: H) -> Self
     where
         H: Fn(&crate::outcome::Outcome) + Send + Sync + 'static,
@@ -244,12 +265,12 @@ impl<P, F, A, E> Fallback<P, F, A, E> {
     }
 }
 
-impl<P, F, A, E, Req> Service<Req> for Fallback<P, F, A, E>
+impl<P, F, A, S, Req> Service<Req> for Fallback<P, F, A, S>
 where
     P: Service<Req>,
     F: Service<Req, Response = P::Response, Error = P::Error> + Clone,
     A: Accept<P::Response, P::Error> + Clone,
-    E: Eligible<Req>,
+    S: Eligible<Req>,
     Req: Clone,
 {
     type Response = P::Response;
@@ -277,7 +298,7 @@ where
     }
 }
 
-impl<P, F, A, E> fmt::Debug for Fallback<P, F, A, E>
+impl<P, F, A, S> fmt::Debug for Fallback<P, F, A, S>
 where
     P: fmt::Debug,
     F: fmt::Debug,

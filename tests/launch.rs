@@ -96,6 +96,21 @@ async fn delayed_rejection_before_the_delay_starts_the_fallback_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_delay_too_long_to_represent_never_speculates() {
+    // `Duration::MAX` cannot be added to an instant: it means "never", not a panic.
+    let (answer, served, started, _) = run(
+        Probe::fixed("cache", 3, Reply::Empty),
+        Probe::fixed("db", 10, Reply::Value(2)),
+        Launch::Delayed(Duration::MAX),
+    )
+    .await;
+    assert_eq!(
+        (answer, served, started),
+        (from("db", 2), ms(13), Some(ms(3)))
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn sequential_hit_never_touches_the_fallback() {
     let (answer, served, started, db) = run(
         Probe::fixed("cache", 30, Reply::Value(1)),
@@ -301,6 +316,29 @@ mod budget {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_shared_budget_spans_two_layers() {
+        use std::sync::Arc;
+        use tower::Layer;
+        use tower_backstop::FallbackLayer;
+
+        // One withdrawal in all, for two separately built layers.
+        let budget = Arc::new(TpsBudget::new(Duration::from_secs(1), 1, 0.0));
+        let db = Probe::fixed("db", 5, Reply::Value(2));
+        let counts = db.counts();
+        let layer = |db: Probe| {
+            FallbackLayer::new(db)
+                .accept(hit)
+                .shared_budget(budget.clone())
+        };
+        let a = layer(db.clone()).layer(Probe::fixed("a", 10, Reply::Empty));
+        let b = layer(db).layer(Probe::fixed("b", 10, Reply::Empty));
+        let start = Instant::now();
+        let (ra, rb) = tokio::join!(a.oneshot(1), b.oneshot(2));
+        assert_eq!((ra, rb), (Ok(from("db", 2)), Ok(from("db", 2))));
+        assert_eq!(counts.starts_since(start), vec![ms(0), ms(10)]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn one_budget_is_shared_by_clones_and_by_the_layers_services() {
         use tower::Layer;
         use tower_backstop::FallbackLayer;
@@ -460,6 +498,43 @@ mod adaptive {
         assert!(
             between(adaptive.estimate(), ms(7), Duration::from_micros(7_100)),
             "{adaptive:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_warm_up_longer_than_the_window_holds_still_ends() {
+        // The default warm-up (100 answers) is more than a window of 100 ever holds
+        // once it rotates: it is lowered to half the window, 50.
+        let adaptive = Adaptive::new(0.5, ms(1)).window(100);
+        let svc = Fallback::new(
+            Probe::fixed("cache", 7, Reply::Value(1)),
+            Probe::fixed("db", 20, Reply::Value(2)),
+        )
+        .accept(hit)
+        .launch(Launch::Adaptive(adaptive.clone()));
+        for _ in 0..49 {
+            svc.clone().oneshot(1).await.unwrap();
+        }
+        assert_eq!(adaptive.estimate(), None);
+        svc.clone().oneshot(1).await.unwrap();
+        assert!(
+            between(adaptive.estimate(), ms(7), Duration::from_micros(7_100)),
+            "the estimate starts at the 50th answer: {adaptive:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_initial_delay_too_long_to_represent_never_speculates() {
+        let adaptive = Adaptive::new(0.9, Duration::MAX);
+        let (answer, served, started, _) = run(
+            Probe::fixed("cache", 3, Reply::Empty),
+            Probe::fixed("db", 10, Reply::Value(2)),
+            Launch::Adaptive(adaptive),
+        )
+        .await;
+        assert_eq!(
+            (answer, served, started),
+            (from("db", 2), ms(13), Some(ms(3)))
         );
     }
 

@@ -526,7 +526,9 @@ fn model(s: &Schedule) -> Trace {
             #[cfg(feature = "adaptive")]
             (true, Policy::Adaptive(_)) => Launched::Adaptive,
             (true, Policy::Sequential) => unreachable!("sequential never speculates"),
-            (false, _) if !s.eligible => Launched::NotEligible,
+            (false, p) if !s.eligible && !matches!(p, Policy::Sequential) => {
+                Launched::NotEligible
+            }
             (false, _) if refused => Launched::BudgetRefused,
             (false, _) => Launched::AfterRejection,
         });
@@ -540,13 +542,17 @@ fn model(s: &Schedule) -> Trace {
             fallback: match (served, launch, fallback_answered) {
                 (Served::Fallback, _, _) => outcome::Fate::Served,
                 (_, None, _) => outcome::Fate::NotLaunched,
+                // A readiness error answered without a call: no work was done.
+                (_, Some(_), Some(_)) if trace.fallback.calls.is_empty() => {
+                    outcome::Fate::ReadinessFailed
+                }
                 (_, Some(_), Some(_)) => outcome::Fate::Discarded,
                 _ if trace.fallback.calls.is_empty() => outcome::Fate::DroppedBeforeReady,
                 _ => outcome::Fate::DroppedInFlight,
             },
             launched,
             budget_refused: refused,
-            fallback_first: held.is_some(),
+            fallback_first: held.is_some() && !trace.fallback.calls.is_empty(),
             primary_latency: judged_at.map(|at| at - call),
             fallback_latency: fallback_answered.zip(launch).map(|(at, l)| at - l),
             elapsed: finished - call,
@@ -1010,6 +1016,7 @@ fn the_schedules_reach_every_situation() {
         "outcome DroppedBeforeReady",
         "outcome DroppedInFlight",
         "outcome Discarded",
+        "outcome ReadinessFailed",
         "outcome Served",
         "outcome Concurrent",
         "outcome Delayed",

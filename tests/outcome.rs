@@ -329,3 +329,86 @@ async fn nothing_is_observed_without_observers() {
     let fut = svc.call(1);
     assert!(format!("{fut:?}").contains("observed: true"), "{fut:?}");
 }
+
+/// A fallback whose `poll_ready` fails at once.
+#[derive(Clone)]
+struct Unready;
+
+impl Service<u64> for Unready {
+    type Response = support::Answer;
+    type Error = support::ProbeError;
+    type Future = std::future::Ready<Result<support::Answer, support::ProbeError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Err(support::ProbeError("unready")))
+    }
+
+    fn call(&mut self, _: u64) -> Self::Future {
+        unreachable!("never ready, never called")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_readiness_failure_is_neither_wasted_work_nor_an_answer_first() {
+    let outcomes = Outcomes::default();
+    let stats = Stats::new();
+    let svc = Fallback::new(Probe::fixed("cache", 5, Reply::Value(1)), Unready)
+        .accept(hit)
+        .stats(stats.clone())
+        .on_outcome(outcomes.hook());
+    svc.oneshot(1).await.unwrap();
+    let o = outcomes.only();
+    assert_eq!(
+        (o.served, o.fallback),
+        (Served::Primary, Fate::ReadinessFailed)
+    );
+    assert!(!o.fallback_first);
+    let s = stats.snapshot();
+    assert_eq!((s.fallbacks_wasted, s.fallback_first), (0, 0));
+
+    // When the primary is rejected, the readiness error is the answer served.
+    let svc = Fallback::new(Probe::fixed("cache", 5, Reply::Empty), Unready)
+        .accept(hit)
+        .on_outcome(outcomes.hook());
+    assert_eq!(svc.oneshot(1).await, Err(support::ProbeError("unready")));
+    assert_eq!(outcomes.only().fallback, Fate::Served);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_outcome_is_reported_after_the_fallback_is_dropped() {
+    let db = Probe::fixed("db", 10, Reply::Value(2));
+    let db_counts = db.counts();
+    let seen = Arc::new(Mutex::new(None));
+    let record = seen.clone();
+    let svc = Fallback::new(Probe::fixed("cache", 2, Reply::Value(1)), db)
+        .accept(hit)
+        .on_outcome(move |o: &Outcome| {
+            // What the hook can observe when it runs.
+            *record.lock().unwrap() = Some((o.fallback, db_counts.dropped(), db_counts.alive()));
+        });
+    svc.oneshot(1).await.unwrap();
+    let seen = seen.lock().unwrap().take().unwrap();
+    // `oneshot` dropped the service at the call: no clone of the fallback is left.
+    assert_eq!(seen, (Fate::DroppedInFlight, 1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn sequential_requests_report_after_rejection_whatever_their_eligibility() {
+    let o = {
+        let outcomes = Outcomes::default();
+        let svc = Fallback::new(
+            Probe::fixed("cache", 3, Reply::Empty),
+            Probe::fixed("db", 5, Reply::Value(2)),
+        )
+        .accept(hit)
+        .launch(Launch::Sequential)
+        .speculate_if(|_: &u64| false)
+        .on_outcome(outcomes.hook());
+        svc.oneshot(1).await.unwrap();
+        outcomes.only()
+    };
+    assert_eq!(o.launched, Some(Launched::AfterRejection));
+}

@@ -11,7 +11,11 @@ use std::{
     task::{Context, Poll},
 };
 
-/// A request body held in memory, which every clone replays from the start.
+/// A request body held in memory, which clones replay.
+///
+/// A clone replays what its original had left to give when it was cloned: clones made
+/// before the body is read — as [`Fallback`](crate::Fallback) makes them — replay it
+/// from the start.
 ///
 /// [`BufferBody`](super::BufferBody) reads a request's body into a `ReplayBody` so
 /// that `http::Request<ReplayBody>` is `Clone` and a [`Fallback`](crate::Fallback) can

@@ -171,6 +171,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The buffering reads a whole request body before either branch is called, which
+//! suits unary calls (and server streaming). Do not put it in front of client-streaming
+//! or bidirectional calls: a stream longer than the cap is refused, and a client that
+//! waits for a reply before it sends more never reaches either branch. Route those
+//! around the layer (for example with a separate channel for them).
+//!
 //! A gRPC request over the cap is answered `RESOURCE_EXHAUSTED`, one whose body fails
 //! `INTERNAL`, both as trailers-only gRPC responses. The limit of judging gRPC answers
 //! by their head is described in [`accept`](accept#grpc).
@@ -208,7 +214,7 @@ pub use self::{
 use crate::{Fallback, FallbackLayer};
 use tower_layer::Stack;
 
-impl<F, A, E> FallbackLayer<F, A, E> {
+impl<F, A, S> FallbackLayer<F, A, S> {
     /// Buffers request bodies in front of the fallback, so that `http::Request`s with
     /// streamed bodies can be cloned for it. Call it last: it returns a stack of this
     /// layer inside a [`BufferBodyLayer`] with the default cap (64 KiB).
@@ -221,7 +227,7 @@ impl<F, A, E> FallbackLayer<F, A, E> {
     }
 }
 
-impl<F, A, E> FallbackLayer<F, A, E> {
+impl<F, A, S> FallbackLayer<F, A, S> {
     /// Marks every response with the branch that served it: a [`ServedBy`] response
     /// extension, and with `header: Some(name)` (e.g. [`X_SERVED_BY`]) a header too.
     ///
@@ -260,7 +266,7 @@ impl<F, A, E> FallbackLayer<F, A, E> {
     pub fn mark_served_by(
         self,
         header: Option<http::HeaderName>,
-    ) -> Stack<MarkServedByLayer, FallbackLayer<MarkServedBy<F>, A, E>> {
+    ) -> Stack<MarkServedByLayer, FallbackLayer<MarkServedBy<F>, A, S>> {
         let mut primary = MarkServedByLayer::primary();
         if let Some(name) = &header {
             primary = primary.header(name.clone());
@@ -276,7 +282,7 @@ impl<F, A, E> FallbackLayer<F, A, E> {
     }
 }
 
-impl<P, F, A, E> Fallback<P, F, A, E> {
+impl<P, F, A, S> Fallback<P, F, A, S> {
     /// Wraps this service in a [`BufferBody`] with the default cap (64 KiB), so that it
     /// accepts `http::Request`s with streamed bodies. See the [`http`](crate::http)
     /// module.

@@ -17,7 +17,8 @@ const NO_ESTIMATE: u64 = u64::MAX;
 /// A launch delay that follows a percentile of the primary's own recent latency.
 ///
 /// The fallback starts once the primary has been pending longer than the chosen
-/// percentile of its latency over the last [`window`](Adaptive::window) answers: at p90,
+/// percentile of its recent latency — over the last half to whole
+/// [`window`](Adaptive::window) of answers, in two rotating halves: at p90,
 /// about one request in ten starts its fallback early, and those are the slow ones —
 /// the ones where starting early saves the most. Until
 /// [`min_samples`](Adaptive::min_samples) latencies have been seen, the configured
@@ -52,6 +53,7 @@ struct Estimator {
     initial: Duration,
     window: u64,
     min_samples: u64,
+    asked_min_samples: u64,
     threshold_micros: AtomicU64,
     skipped: AtomicU64,
     recorder: Mutex<Recorder>,
@@ -91,7 +93,11 @@ impl Adaptive {
                 quantile,
                 initial,
                 window: window.max(2),
-                min_samples: min_samples.max(1),
+                // The two halves may hold as few as `window / 2` answers once full, so
+                // a longer warm-up might never end: the builders keep what was asked
+                // for, and this is what applies.
+                min_samples: min_samples.clamp(1, window.max(2) / 2),
+                asked_min_samples: min_samples,
                 threshold_micros: AtomicU64::new(NO_ESTIMATE),
                 skipped: AtomicU64::new(0),
                 recorder: Mutex::new(Recorder {
@@ -110,11 +116,13 @@ impl Adaptive {
     /// Starts a new, empty estimate.
     pub fn window(self, answers: u64) -> Self {
         let e = &self.inner;
-        Adaptive::build(e.quantile, e.initial, answers, e.min_samples)
+        Adaptive::build(e.quantile, e.initial, answers, e.asked_min_samples)
     }
 
     /// Sets how many answers must be seen before the estimate replaces the initial
-    /// delay (at least 1). Default: 100. Starts a new, empty estimate.
+    /// delay: at least 1 and at most half the window (a larger value is lowered to
+    /// that, since the estimate may hold no more). Default: 100. Starts a new, empty
+    /// estimate.
     pub fn min_samples(self, answers: u64) -> Self {
         let e = &self.inner;
         Adaptive::build(e.quantile, e.initial, e.window, answers)
@@ -168,8 +176,11 @@ impl Adaptive {
             std::mem::swap(current, previous);
             current.reset();
         }
-        // Re-estimate a few times per half-window: the quantile walks every bucket.
-        if *since_estimate >= (half / 4).max(1) && current.len() + previous.len() >= e.min_samples {
+        // Re-estimate a few times per half-window (the quantile walks every bucket), and
+        // as soon as the warm-up ends.
+        let held = current.len() + previous.len();
+        let warming_up = e.threshold_micros.load(Ordering::Relaxed) == NO_ESTIMATE;
+        if held >= e.min_samples && (warming_up || *since_estimate >= (half / 4).max(1)) {
             *since_estimate = 0;
             scratch.reset();
             // The three histograms share their bounds, so adding cannot fail.
