@@ -9,6 +9,7 @@
 
 mod accept;
 mod axum_stack;
+mod bad_input;
 mod buffer;
 mod cancel;
 mod hyper_client;
