@@ -135,8 +135,21 @@
 //! (`RST_STREAM`, the connection stays up); over HTTP/1.1 it must close the connection,
 //! since a request in flight cannot be taken back, and the next request opens a new
 //! one. The fallback server sees its handler cancelled either way. If most requests
-//! are hits, talk HTTP/2 to the fallback (`Client::builder(..).http2_only(true)`), or
-//! delay its launch (`Launch::Delayed`).
+//! are hits, delay the fallback's launch (`Launch::Delayed`, `Launch::Adaptive`) so
+//! that few calls are cancelled at all, or talk HTTP/2 to the fallback
+//! (`Client::builder(..).http2_only(true)`) — but then raise two limits that HTTP/2
+//! implementations set against "rapid reset" floods, or a busy `Launch::Concurrent`
+//! layer trips them and the fallback's connection is closed with
+//! `GOAWAY ENHANCE_YOUR_CALM`, failing the misses in flight on it too:
+//!
+//! - on the fallback's hyper server, `http2::Builder::max_pending_accept_reset_streams`
+//!   (default 20);
+//! - on the hyper-util client, `Builder::http2_max_concurrent_reset_streams` (it
+//!   remembers 50 cancelled streams by default, and closes the connection after too
+//!   many late answers to streams it has forgotten).
+//!
+//! `examples/soak.rs` runs a million requests this way, and shows the failure with
+//! hyper's defaults (`--h2-defaults`).
 //!
 //! # tonic
 //!

@@ -3,8 +3,8 @@
 //! channels, cancellation observed by the fallback's server, and the stacking orders
 //! with `timeout` and `retry`.
 //!
-//! `buffer` and `accept` run in memory; the other modules start their own servers on
-//! 127.0.0.1 (port 0) and stop them. No test sleeps to synchronise: servers report
+//! `buffer`, `accept` and part of `bad_input` run in memory; the others start their own
+//! servers on 127.0.0.1 (port 0) and stop them. No test sleeps to synchronise: servers report
 //! through channels, and every wait is bounded (`support::OBSERVE_LIMIT`).
 
 mod accept;
