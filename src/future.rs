@@ -164,23 +164,33 @@ where
         let primary_pending = this.primary.is_some();
 
         if primary_pending && !this.speculation.launched {
-            match this.speculation.plan {
-                Plan::Now => {}
-                Plan::OnReject(_) => return Poll::Pending,
-                #[cfg(feature = "time")]
-                Plan::At(deadline, _) => {
-                    if this.timer.is_none() {
-                        this.timer.set(Some(tokio::time::sleep_until(deadline)));
+            loop {
+                match this.speculation.plan {
+                    Plan::Now => break,
+                    Plan::OnReject(_) => return Poll::Pending,
+                    // The delay counts from the first poll that finds the primary
+                    // pending: a primary that answers at once costs no clock read.
+                    #[cfg(feature = "time")]
+                    Plan::After(delay, why) => {
+                        this.speculation.plan =
+                            Plan::after(tokio::time::Instant::now(), delay, why);
                     }
-                    let timer = this
-                        .timer
-                        .as_mut()
-                        .as_pin_mut()
-                        .expect("timer was just set");
-                    if timer.poll(cx).is_pending() {
-                        return Poll::Pending;
+                    #[cfg(feature = "time")]
+                    Plan::At(deadline, _) => {
+                        if this.timer.is_none() {
+                            this.timer.set(Some(tokio::time::sleep_until(deadline)));
+                        }
+                        let timer = this
+                            .timer
+                            .as_mut()
+                            .as_pin_mut()
+                            .expect("timer was just set");
+                        if timer.poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        this.timer.set(None);
+                        break;
                     }
-                    this.timer.set(None);
                 }
             }
             // A refused withdrawal turns the plan into `OnReject`: the primary's answer,

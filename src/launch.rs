@@ -55,7 +55,10 @@ pub enum Launch {
     /// if the primary is rejected sooner.
     ///
     /// Extra load is one call per request whose primary takes longer than the delay;
-    /// choosing the delay at the primary's p95 latency costs about 5% extra load.
+    /// choosing the delay at the primary's p95 latency costs about 5% extra load. The
+    /// delay counts from the response future's first poll that finds the primary
+    /// pending (normally right after `call`), so a primary that answers at once never
+    /// reads the clock. A delay too long to represent (`Duration::MAX`) never runs out.
     #[cfg(feature = "time")]
     #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
     Delayed(Duration),
@@ -190,9 +193,7 @@ impl Settings {
             #[cfg(feature = "time")]
             _ if !eligible => Plan::OnReject(Launched::NotEligible),
             #[cfg(feature = "time")]
-            Launch::Delayed(delay) => {
-                Plan::after(tokio::time::Instant::now(), *delay, Launched::Delayed)
-            }
+            Launch::Delayed(delay) => Plan::After(*delay, Launched::Delayed),
             #[cfg(feature = "adaptive")]
             Launch::Adaptive(adaptive) => {
                 let start = estimate
@@ -224,6 +225,10 @@ impl Settings {
 pub(crate) enum Plan {
     /// On the first poll that finds the primary pending.
     Now,
+    /// Once the primary has been pending for this long, counted from the first poll
+    /// that finds it pending (for this reason).
+    #[cfg(feature = "time")]
+    After(Duration, Launched),
     /// Once the primary has been pending until this instant (for this reason).
     #[cfg(feature = "time")]
     At(tokio::time::Instant, Launched),
@@ -237,7 +242,7 @@ impl Plan {
     /// after a rejection, as with `Launch::Sequential`.
     #[cfg(feature = "time")]
     #[inline]
-    fn after(start: tokio::time::Instant, delay: Duration, why: Launched) -> Plan {
+    pub(crate) fn after(start: tokio::time::Instant, delay: Duration, why: Launched) -> Plan {
         match start.checked_add(delay) {
             Some(deadline) => Plan::At(deadline, why),
             None => Plan::OnReject(Launched::AfterRejection),
@@ -253,7 +258,7 @@ impl Plan {
             _ if !primary_pending => Launched::AfterRejection,
             Plan::Now => Launched::Concurrent,
             #[cfg(feature = "time")]
-            Plan::At(_, why) => why,
+            Plan::After(_, why) | Plan::At(_, why) => why,
         }
     }
 }

@@ -339,18 +339,24 @@ impl Tracker {
 
     #[inline(never)]
     fn observed(observers: &Observers) -> Self {
+        // No span at all unless a subscriber may want it: making one costs even when
+        // nobody listens.
         #[cfg(feature = "tracing")]
-        let span = tracing::debug_span!(
-            "backstop",
-            served = tracing::field::Empty,
-            primary = tracing::field::Empty,
-            fallback = tracing::field::Empty,
-            launched = tracing::field::Empty,
-            budget_refused = tracing::field::Empty,
-            fallback_first = tracing::field::Empty,
-            primary_latency_us = tracing::field::Empty,
-            fallback_latency_us = tracing::field::Empty,
-        );
+        let span = if !tracing_may_listen() {
+            tracing::Span::none()
+        } else {
+            tracing::debug_span!(
+                "backstop",
+                served = tracing::field::Empty,
+                primary = tracing::field::Empty,
+                fallback = tracing::field::Empty,
+                launched = tracing::field::Empty,
+                budget_refused = tracing::field::Empty,
+                fallback_first = tracing::field::Empty,
+                primary_latency_us = tracing::field::Empty,
+                fallback_latency_us = tracing::field::Empty,
+            )
+        };
         // A callsite once enabled by any subscriber makes spans even where none listens;
         // those go to the no-op subscriber and are not worth tracking for.
         #[cfg(feature = "tracing")]
