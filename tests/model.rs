@@ -526,9 +526,7 @@ fn model(s: &Schedule) -> Trace {
             #[cfg(feature = "adaptive")]
             (true, Policy::Adaptive(_)) => Launched::Adaptive,
             (true, Policy::Sequential) => unreachable!("sequential never speculates"),
-            (false, p) if !s.eligible && !matches!(p, Policy::Sequential) => {
-                Launched::NotEligible
-            }
+            (false, p) if !s.eligible && !matches!(p, Policy::Sequential) => Launched::NotEligible,
             (false, _) if refused => Launched::BudgetRefused,
             (false, _) => Launched::AfterRejection,
         });
