@@ -14,15 +14,9 @@ use futures_util::task::noop_waker_ref;
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    cell::Cell,
     convert::Infallible,
     future::{ready, Future, Ready},
     pin::{pin, Pin},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Mutex, PoisonError,
-    },
     task::{Context, Poll},
 };
 use tower::{service_fn, Service};
@@ -33,58 +27,12 @@ use tower_backstop::{
 
 const N: usize = 200;
 
-struct CountingAllocator;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    /// Whether this thread's allocations are counted; `const`-initialized, so reading
-    /// it never allocates.
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn count_one() {
-    if COUNTING.try_with(Cell::get).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every method forwards to `System` unchanged; counting does not allocate.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count_one();
-        System.alloc(layout)
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count_one();
-        System.alloc_zeroed(layout)
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count_one();
-        System.realloc(ptr, layout, new_size)
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout);
-    }
-}
-
-#[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
-
-/// One measuring window at a time.
-static WINDOW: Mutex<()> = Mutex::new(());
-
-/// Runs `f` with this thread's allocations counted; returns how many it made.
+/// Allocations this thread made while `f` ran.
 fn allocations_in(f: impl FnOnce()) -> usize {
-    let _window = WINDOW.lock().unwrap_or_else(PoisonError::into_inner);
-    ALLOCATIONS.store(0, Ordering::SeqCst);
-    COUNTING.with(|c| c.set(true));
-    f();
-    COUNTING.with(|c| c.set(false));
-    ALLOCATIONS.load(Ordering::SeqCst)
+    counting_alloc::allocations_in(f).0
 }
 
 /// Polls a future that must finish on its first poll.
