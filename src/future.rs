@@ -164,6 +164,8 @@ where
         let primary_pending = this.primary.is_some();
 
         if primary_pending && !this.speculation.launched {
+            // Without the `time` feature there is nothing to wait for, hence no looping.
+            #[cfg_attr(not(feature = "time"), allow(clippy::never_loop))]
             loop {
                 match this.speculation.plan {
                     Plan::Now => break,
