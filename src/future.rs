@@ -104,14 +104,36 @@ where
 {
     type Output = Result<T, E>;
 
-    // The body is small: everything past the primary's answer is in `poll_fallback`.
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
         #[cfg(feature = "tracing")]
-        let span = this.speculation.tracker.span();
-        #[cfg(feature = "tracing")]
+        if self.speculation.tracker.is_observed() {
+            return self.poll_in_span(cx);
+        }
+        self.poll_primary(cx)
+    }
+}
+
+impl<PF, F, Req, A, T, E> ResponseFuture<PF, F, Req, A>
+where
+    PF: Future<Output = Result<T, E>>,
+    F: Service<Req, Response = T, Error = E>,
+    A: Accept<T, E>,
+{
+    /// A poll of an observed request, inside its `tracing` span.
+    #[cfg(feature = "tracing")]
+    #[inline(never)]
+    fn poll_in_span(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
+        // A clone: the poll goes on to update the tracker while the span is entered.
+        let span = self.speculation.tracker.span();
         let _entered = span.as_ref().map(tracing::Span::enter);
+        self.poll_primary(cx)
+    }
+
+    // The body is small: everything past the primary's answer is in `poll_fallback`.
+    #[inline(always)]
+    fn poll_primary(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
+        let mut this = self.project();
 
         // The primary is polled first so that an answer it already has is judged before
         // the fallback is started at all.
@@ -145,14 +167,7 @@ where
         }
         Self::poll_fallback(this, cx)
     }
-}
 
-impl<PF, F, Req, A, T, E> ResponseFuture<PF, F, Req, A>
-where
-    PF: Future<Output = Result<T, E>>,
-    F: Service<Req, Response = T, Error = E>,
-    A: Accept<T, E>,
-{
     /// Everything after the primary's first answer or its pending poll: launching and
     /// driving the fallback. Kept out of line so that `poll`'s path for an accepted
     /// primary stays small enough to inline into the caller.

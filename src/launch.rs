@@ -178,13 +178,6 @@ impl Settings {
         if let Some(budget) = &self.budget {
             budget.deposit();
         }
-        // Every primary call under an adaptive launch is timed, eligible or not: the
-        // estimate is of the primary's latency, whatever happens to the fallback.
-        #[cfg(feature = "adaptive")]
-        let estimate = match &self.launch {
-            Launch::Adaptive(adaptive) => Some(adaptive::Sampler::start(adaptive)),
-            _ => None,
-        };
         let plan = match &self.launch {
             Launch::Concurrent if !eligible => Plan::OnReject(Launched::NotEligible),
             Launch::Concurrent => Plan::Now,
@@ -195,28 +188,71 @@ impl Settings {
             #[cfg(feature = "time")]
             Launch::Delayed(delay) => Plan::After(*delay, Launched::Delayed),
             #[cfg(feature = "adaptive")]
-            Launch::Adaptive(adaptive) => {
-                let start = estimate
-                    .as_ref()
-                    .map_or_else(tokio::time::Instant::now, |s| s.start_time());
-                Plan::after(start, adaptive.delay(), Launched::Adaptive)
-            }
+            Launch::Adaptive(adaptive) => Plan::After(adaptive.delay(), Launched::Adaptive),
         };
         Speculation {
             plan,
             launched: false,
             tracker: Tracker::new(&self.observers),
-            #[cfg(feature = "budget")]
-            budget: match plan {
-                // Only a request that may speculate needs the budget later.
-                Plan::OnReject(_) => None,
-                _ => self.budget.clone(),
-            },
             #[cfg(feature = "time")]
             patience: self.patience,
+            #[cfg(any(feature = "budget", feature = "adaptive"))]
+            extras: self.extras(plan),
+        }
+    }
+
+    /// The per-request state only a budget or an adaptive launch needs, kept in one
+    /// `Option` so that a request with neither carries and drops a single `None`.
+    #[cfg(any(feature = "budget", feature = "adaptive"))]
+    #[inline]
+    fn extras(&self, plan: Plan) -> Option<Extras> {
+        // Only a request that may speculate needs the budget later.
+        #[cfg(feature = "budget")]
+        let budget = match plan {
+            Plan::OnReject(_) => None,
+            _ => self.budget.clone(),
+        };
+        #[cfg(not(feature = "budget"))]
+        let _ = plan;
+        // Every primary call under an adaptive launch is timed, eligible or not: the
+        // estimate is of the primary's latency, whatever happens to the fallback.
+        #[cfg(feature = "adaptive")]
+        let estimate = match &self.launch {
+            Launch::Adaptive(adaptive) => Some(adaptive::Sampler::start(adaptive)),
+            _ => None,
+        };
+        let extras = Extras {
+            #[cfg(feature = "budget")]
+            budget,
             #[cfg(feature = "adaptive")]
             estimate,
+        };
+        extras.is_needed().then_some(extras)
+    }
+}
+
+/// See [`Settings::extras`].
+#[cfg(any(feature = "budget", feature = "adaptive"))]
+struct Extras {
+    #[cfg(feature = "budget")]
+    budget: Option<SharedBudget>,
+    #[cfg(feature = "adaptive")]
+    estimate: Option<adaptive::Sampler>,
+}
+
+#[cfg(any(feature = "budget", feature = "adaptive"))]
+impl Extras {
+    #[inline]
+    fn is_needed(&self) -> bool {
+        #[cfg(feature = "budget")]
+        if self.budget.is_some() {
+            return true;
         }
+        #[cfg(feature = "adaptive")]
+        if self.estimate.is_some() {
+            return true;
+        }
+        false
     }
 }
 
@@ -270,12 +306,10 @@ pub(crate) struct Speculation {
     pub(crate) launched: bool,
     /// What the outcome observers will be told.
     pub(crate) tracker: Tracker,
-    #[cfg(feature = "budget")]
-    budget: Option<SharedBudget>,
     #[cfg(feature = "time")]
     pub(crate) patience: Option<Duration>,
-    #[cfg(feature = "adaptive")]
-    estimate: Option<adaptive::Sampler>,
+    #[cfg(any(feature = "budget", feature = "adaptive"))]
+    extras: Option<Extras>,
 }
 
 impl Speculation {
@@ -284,7 +318,7 @@ impl Speculation {
     #[inline]
     pub(crate) fn withdraw(&mut self) -> bool {
         #[cfg(feature = "budget")]
-        if let Some(budget) = self.budget.take() {
+        if let Some(budget) = self.extras.as_mut().and_then(|e| e.budget.take()) {
             if !budget.withdraw() {
                 self.plan = Plan::OnReject(Launched::BudgetRefused);
                 self.tracker.budget_refused();
@@ -298,7 +332,7 @@ impl Speculation {
     #[inline]
     pub(crate) fn primary_answered(&mut self) {
         #[cfg(feature = "adaptive")]
-        if let Some(estimate) = self.estimate.take() {
+        if let Some(estimate) = self.extras.as_mut().and_then(|e| e.estimate.take()) {
             estimate.record();
         }
     }
@@ -308,7 +342,7 @@ impl Speculation {
     #[inline]
     pub(crate) fn primary_cut_short(&mut self) {
         #[cfg(feature = "adaptive")]
-        if let Some(estimate) = self.estimate.take() {
+        if let Some(estimate) = self.extras.as_mut().and_then(|e| e.estimate.take()) {
             estimate.record_at_least();
         }
     }

@@ -329,7 +329,9 @@ struct Track {
 }
 
 impl Tracker {
-    #[inline]
+    // Always inline: returned through memory from an out-of-line call, the mostly
+    // empty `Tracker` costs a store-forwarding stall on every unobserved request.
+    #[inline(always)]
     pub(crate) fn new(observers: &Observers) -> Self {
         if observers.is_empty() && !tracing_may_listen() {
             return Tracker { track: None };
@@ -384,6 +386,13 @@ impl Tracker {
                 span,
             }),
         }
+    }
+
+    /// Whether anything observes this request.
+    #[cfg(feature = "tracing")]
+    #[inline(always)]
+    pub(crate) fn is_observed(&self) -> bool {
+        self.track.is_some()
     }
 
     /// The request's span, to enter for one poll (a clone: the poll goes on to update

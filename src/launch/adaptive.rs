@@ -219,11 +219,6 @@ impl Sampler {
         }
     }
 
-    /// When the call started.
-    pub(crate) fn start_time(&self) -> Instant {
-        self.start
-    }
-
     /// The primary answered now.
     pub(crate) fn record(self) {
         self.adaptive.record(self.start.elapsed());
