@@ -158,48 +158,26 @@ impl Default for Config {
     }
 }
 
+#[path = "support/flags.rs"]
+mod flags;
+
 /// Parses `--flag value` and `--flag=value`; `Ok(None)` asks for the help text.
-fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, String> {
-    let mut config = Config::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(None);
-        }
-        if arg == "--http2" {
-            config.http2 = true;
-            continue;
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
-            None => (arg, None),
-        };
-        let value = match inline {
-            Some(value) => value,
-            None => args.next().ok_or_else(|| format!("{flag} needs a value"))?,
-        };
-        let int = |lo: usize, hi: usize| match value.parse::<usize>() {
-            Ok(n) if (lo..=hi).contains(&n) => Ok(n),
-            _ => Err(format!(
-                "{flag}: expected a whole number from {lo} to {hi}, got {value:?}"
-            )),
-        };
-        let float = |lo: f64, hi: f64| match value.parse::<f64>() {
-            Ok(x) if (lo..=hi).contains(&x) => Ok(x),
-            _ => Err(format!(
-                "{flag}: expected a number from {lo} to {hi}, got {value:?}"
-            )),
-        };
-        match flag.as_str() {
-            "--requests" => config.requests = int(1, 10_000_000)?,
-            "--concurrency" => config.concurrency = int(1, 1_024)?,
-            "--hit-rate" => config.hit_rate = float(0.0, 1.0)?,
-            "--cache-ms" => config.cache_ms = float(0.0, 10_000.0)?,
-            "--miss-ms" => config.miss_ms = float(0.0, 10_000.0)?,
-            "--db-ms" => config.db_ms = float(0.0, 10_000.0)?,
-            _ => return Err(format!("unknown flag {flag:?} (try --help)")),
-        }
+fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Option<Config>, String> {
+    let mut args = pico_args::Arguments::from_vec(args);
+    if args.contains(["-h", "--help"]) {
+        return Ok(None);
     }
+    let d = Config::default();
+    let config = Config {
+        http2: args.contains("--http2"),
+        requests: flags::in_range(&mut args, "--requests", d.requests, 1, 10_000_000)?,
+        concurrency: flags::in_range(&mut args, "--concurrency", d.concurrency, 1, 1_024)?,
+        hit_rate: flags::in_range(&mut args, "--hit-rate", d.hit_rate, 0.0, 1.0)?,
+        cache_ms: flags::in_range(&mut args, "--cache-ms", d.cache_ms, 0.0, 10_000.0)?,
+        miss_ms: flags::in_range(&mut args, "--miss-ms", d.miss_ms, 0.0, 10_000.0)?,
+        db_ms: flags::in_range(&mut args, "--db-ms", d.db_ms, 0.0, 10_000.0)?,
+    };
+    flags::no_more(args)?;
     Ok(Some(config))
 }
 
@@ -887,7 +865,7 @@ fn plot(rows: &[Row]) -> Result<(), Box<dyn Error>> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
-    let config = match parse_args(std::env::args().skip(1)) {
+    let config = match parse_args(std::env::args_os().skip(1).collect()) {
         Ok(Some(config)) => config,
         Ok(None) => {
             println!("{HELP}");

@@ -185,42 +185,38 @@ impl Default for Config {
     }
 }
 
-/// Parses `--flag value` and `--flag=value`; `Ok(None)` asks for the help text.
-pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, String> {
-    let mut config = Config::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(None);
-        }
-        if arg == "--h2-defaults" {
-            config.h2_defaults = true;
-            continue;
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
-            None => (arg, None),
-        };
-        let value = match inline {
-            Some(value) => value,
-            None => args.next().ok_or_else(|| format!("{flag} needs a value"))?,
-        };
-        let int = |lo: u64, hi: u64| match value.parse::<u64>() {
-            Ok(n) if (lo..=hi).contains(&n) => Ok(n),
-            _ => Err(format!(
-                "{flag}: expected a whole number from {lo} to {hi}, got {value:?}"
-            )),
-        };
-        match flag.as_str() {
-            "--requests" => config.requests = int(1, 100_000_000)?,
-            "--concurrency" => config.concurrency = int(1, 4_096)? as usize,
-            "--rounds" => config.rounds = int(1, 1_000)?,
-            "--max-rss-growth-mib" => config.max_rss_growth = int(0, 1 << 20)? << 20,
-            "--deadline-secs" => config.deadline = Duration::from_secs(int(1, 86_400)?),
+#[path = "support/flags.rs"]
+mod flags;
 
-            _ => return Err(format!("unknown flag {flag:?} (try --help)")),
-        }
+/// Parses `--flag value` and `--flag=value`; `Ok(None)` asks for the help text.
+pub fn parse_args(args: Vec<std::ffi::OsString>) -> Result<Option<Config>, String> {
+    let mut args = pico_args::Arguments::from_vec(args);
+    if args.contains(["-h", "--help"]) {
+        return Ok(None);
     }
+    let d = Config::default();
+    let mut config = Config {
+        h2_defaults: args.contains("--h2-defaults"),
+        requests: flags::in_range(&mut args, "--requests", d.requests, 1, 100_000_000)?,
+        concurrency: flags::in_range(&mut args, "--concurrency", d.concurrency, 1, 4_096)?,
+        rounds: flags::in_range(&mut args, "--rounds", d.rounds, 1, 1_000)?,
+        max_rss_growth: flags::in_range(
+            &mut args,
+            "--max-rss-growth-mib",
+            d.max_rss_growth >> 20,
+            0,
+            1 << 20,
+        )? << 20,
+        deadline: Duration::from_secs(flags::in_range(
+            &mut args,
+            "--deadline-secs",
+            d.deadline.as_secs(),
+            1,
+            86_400,
+        )?),
+        ..d
+    };
+    flags::no_more(args)?;
     config.rounds = config.rounds.min(config.requests);
     Ok(Some(config))
 }
@@ -1395,7 +1391,7 @@ impl fmt::Display for Report {
 
 #[tokio::main]
 async fn main() {
-    let config = match parse_args(std::env::args().skip(1)) {
+    let config = match parse_args(std::env::args_os().skip(1).collect()) {
         Ok(Some(config)) => config,
         Ok(None) => {
             println!("{HELP}");
