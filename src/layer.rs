@@ -84,12 +84,11 @@ impl<F, A, S> FallbackLayer<F, A, S> {
     /// builds. Default: no cap. See [`Fallback::budget`].
     #[cfg(feature = "budget")]
     #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
-    pub fn budget<B>(mut self, budget: B) -> Self
+    pub fn budget<B>(self, budget: B) -> Self
     where
         B: tower::retry::budget::Budget + Send + Sync + 'static,
     {
-        self.settings.budget = Some(std::sync::Arc::new(budget));
-        self
+        self.shared_budget(std::sync::Arc::new(budget))
     }
 
     /// Like [`budget`](FallbackLayer::budget), with a budget you keep a handle to.

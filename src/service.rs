@@ -140,12 +140,11 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     /// rejected. The budget is shared by all clones of this service.
     #[cfg(feature = "budget")]
     #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
-    pub fn budget<B>(mut self, budget: B) -> Self
+    pub fn budget<B>(self, budget: B) -> Self
     where
         B: tower::retry::budget::Budget + Send + Sync + 'static,
     {
-        self.settings.budget = Some(std::sync::Arc::new(budget));
-        self
+        self.shared_budget(std::sync::Arc::new(budget))
     }
 
     /// Like [`budget`](Fallback::budget), with a budget you keep a handle to: to share
