@@ -25,6 +25,14 @@ pin_project! {
     /// Like most futures, it panics if polled again after it has completed. Dropping
     /// it at any point drops both branches (and, with an outcome observer, reports the
     /// request as [`Served::Abandoned`](crate::outcome::Served::Abandoned)).
+    ///
+    /// # Panics
+    ///
+    /// A panic in code it runs — either branch's future, the fallback's `poll_ready`
+    /// and `call`, the [`Accept`] predicate, the outcome hook, a branch's `drop` —
+    /// propagates out of `poll` and poisons the future: polling it again panics with
+    /// "`ResponseFuture` polled after it panicked" and never serves an answer. See
+    /// [`Fallback`'s panics section](crate::Fallback#panics) for what is reported.
     #[project = ResponseFutureProj]
     pub struct ResponseFuture<PF, F, Req, A>
     where
@@ -42,6 +50,9 @@ pin_project! {
         timer: Option<Timer>,
         accept: A,
         speculation: Speculation,
+        // Set for the length of each `poll`: still set afterwards only if that poll
+        // panicked, which poisons the future.
+        polling: bool,
     }
 }
 
@@ -92,6 +103,7 @@ where
             timer: None,
             accept,
             speculation,
+            polling: false,
         }
     }
 }
@@ -110,7 +122,7 @@ where
         if self.speculation.tracker.is_observed() {
             return self.poll_in_span(cx);
         }
-        self.poll_primary(cx)
+        self.poll_guarded(cx)
     }
 }
 
@@ -127,28 +139,49 @@ where
         // A clone: the poll goes on to update the tracker while the span is entered.
         let span = self.speculation.tracker.span();
         let _entered = span.as_ref().map(tracing::Span::enter);
-        self.poll_primary(cx)
+        self.poll_guarded(cx)
+    }
+
+    /// One poll, poisoning the future if it panics.
+    #[inline(always)]
+    fn poll_guarded(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
+        let mut this = self.project();
+        // CORRECTNESS: a panic in user code can leave the state half-updated — an answer
+        // taken but not judged, a request taken but no call made. Such a future must
+        // never serve anything, or it would serve what nobody decided to serve.
+        if *this.polling {
+            poisoned();
+        }
+        *this.polling = true;
+        let poll = Self::poll_primary(&mut this, cx);
+        *this.polling = false;
+        poll
     }
 
     // The body is small: everything past the primary's answer is in `poll_fallback`.
     #[inline(always)]
-    fn poll_primary(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
-        let mut this = self.project();
-
+    fn poll_primary(
+        this: &mut ResponseFutureProj<'_, PF, F, Req, A>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<T, E>> {
         // The primary is polled first so that an answer it already has is judged before
         // the fallback is started at all.
         if let Some(primary) = this.primary.as_mut().as_pin_mut() {
             if let Poll::Ready(result) = primary.poll(cx) {
+                // The answer and its latency are recorded before any more user code runs
+                // (the spent future's drop, the predicate): if that panics, the outcome
+                // still says the primary answered, and that nothing judged it.
+                this.speculation.primary_answered();
+                this.speculation.tracker.primary_answered();
                 // CORRECTNESS: the primary's future is dropped here in both cases, so it
                 // is never polled after it completed.
                 this.primary.set(None);
-                this.speculation.primary_answered();
                 // Neither a launch delay nor the patience bound applies any more.
                 if this.timer.is_some() {
                     this.timer.set(None);
                 }
                 let accepted = this.accept.accept(&result);
-                this.speculation.tracker.primary_answered(accepted);
+                this.speculation.tracker.judged(accepted);
                 if accepted {
                     // Drop the fallback — its readiness, its future or its held answer —
                     // before the response is handed back, and before it is reported.
@@ -173,7 +206,7 @@ where
     /// primary stays small enough to inline into the caller.
     #[inline(never)]
     fn poll_fallback(
-        mut this: ResponseFutureProj<'_, PF, F, Req, A>,
+        this: &mut ResponseFutureProj<'_, PF, F, Req, A>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<T, E>> {
         let primary_pending = this.primary.is_some();
@@ -225,9 +258,11 @@ where
                 BranchProj::NotReady { svc, req } => match svc.poll_ready(cx) {
                     Poll::Ready(Ok(())) => {
                         let req = req.take().expect("request is present until called");
+                        // Counted as called before the call: a `call` that panics was
+                        // made all the same, and may have done some of its work.
+                        this.speculation.tracker.called();
                         let fut = svc.call(req);
                         this.fallback.set(Branch::Called { fut });
-                        this.speculation.tracker.called();
                     }
                     // A readiness error is the fallback's answer, served only if it is
                     // needed, like any other fallback error.
@@ -290,6 +325,13 @@ where
     }
 }
 
+/// Out of line: only a caller that caught a panic from `poll` gets here.
+#[cold]
+#[inline(never)]
+fn poisoned() -> ! {
+    panic!("`ResponseFuture` polled after it panicked")
+}
+
 impl<PF, F, Req, A> fmt::Debug for ResponseFuture<PF, F, Req, A>
 where
     F: Service<Req>,
@@ -311,6 +353,7 @@ where
             .field("primary", &primary)
             .field("fallback", &fallback)
             .field("speculation", &self.speculation)
+            .field("poisoned", &self.polling)
             .finish_non_exhaustive()
     }
 }

@@ -87,6 +87,12 @@ pub enum Verdict {
     /// It had not answered when the request finished: the fallback's answer was served
     /// after the patience bound ran out, or the request was abandoned.
     Pending,
+    /// It answered, but a panic kept the answer from being judged: the
+    /// [`Accept`](crate::accept::Accept) predicate panicked on it (or dropping the
+    /// primary's spent future did). Nothing was served: the request is reported as
+    /// [`Served::Abandoned`] once its poisoned response future is dropped. See
+    /// [`Fallback`'s panics section](crate::Fallback#panics).
+    Panicked,
 }
 
 /// What became of the fallback.
@@ -444,10 +450,22 @@ impl Tracker {
         }
     }
 
+    /// The primary answered; its answer is not judged yet. Until [`judged`] says
+    /// otherwise, a panic is what became of it.
+    ///
+    /// [`judged`]: Tracker::judged
     #[inline]
-    pub(crate) fn primary_answered(&mut self, accepted: bool) {
+    pub(crate) fn primary_answered(&mut self) {
         if let Some(t) = &mut self.track {
             t.primary_latency = Some(t.start.elapsed());
+            t.verdict = Verdict::Panicked;
+        }
+    }
+
+    /// The predicate returned its verdict on the primary's answer.
+    #[inline]
+    pub(crate) fn judged(&mut self, accepted: bool) {
+        if let Some(t) = &mut self.track {
             t.verdict = if accepted {
                 Verdict::Accepted
             } else {

@@ -46,6 +46,44 @@ use tower_service::Service;
 /// service passes `call` on to the primary as is, so what happens otherwise is up to
 /// the primary (tower's `ConcurrencyLimit`, for one, panics).
 ///
+/// # Panics
+///
+/// This service panics only where user code it runs panics, and that panic propagates
+/// to the caller. Either way, the counters, the budget and the outcome stay true:
+///
+/// - **In `call`** — the [`speculate_if`](Fallback::speculate_if) predicate, the
+///   request's `clone`, the fallback's and the predicate's `clone`, then the primary's
+///   `call`, in that order (so a panicking clone leaves the primary uncalled): the
+///   request leaves no trace. Nothing is deposited in the budget, and no outcome is
+///   reported or counted; there was no request.
+/// - **In the response future** — either branch's future, the fallback's `poll_ready`
+///   or `call`, the [`Accept`](crate::accept::Accept) predicate, a branch's `drop`: the
+///   panic propagates out of `poll` and poisons the future. Polling it again panics
+///   with "`ResponseFuture` polled after it panicked": a poisoned future never serves
+///   an answer. Dropping it drops both branches and reports the request as
+///   [`Served::Abandoned`](crate::outcome::Served::Abandoned) (one request, one
+///   abandoned in [`Stats`](crate::outcome::Stats)), with the fallback's
+///   [`Fate`](crate::outcome::Fate) as far as it got and the primary's
+///   [`Verdict`](crate::outcome::Verdict) as follows:
+///   - the primary's future panicked: `Pending`, with no primary latency;
+///   - the predicate panicked on the primary's answer: `Panicked`, with the primary's
+///     latency — it did answer;
+///   - the fallback's `poll_ready` panicked: its fate is `DroppedBeforeReady`; its
+///     `call` or its future panicked: `DroppedInFlight` (a `call` is counted as made
+///     even if it panics).
+///
+///   The fallback launch, if any, is counted as made, and its budget withdrawal stays
+///   spent; an adaptive launch keeps the primary's latency as a sample if it answered,
+///   and as a lower bound if not.
+/// - **In the outcome hook** ([`on_outcome`](Fallback::on_outcome)) — it runs after
+///   the outcome was counted in `Stats`, `metrics` and `tracing`, so those stay true,
+///   and the request is never reported twice; the answer being served is dropped, and
+///   the future is poisoned as above. A hook that panics while the future is dropped
+///   as part of unwinding from another panic aborts the process: the hook must not
+///   panic.
+///
+/// The service itself, its clones, and every other request are unaffected.
+///
 /// # Example
 ///
 /// ```
@@ -193,7 +231,8 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     ///
     /// The hook runs inside the response future's `poll` (or its drop, for an abandoned
     /// request), after the branch that was not served has been dropped, so it should be
-    /// quick and must not panic. There is one hook: calling this again replaces it.
+    /// quick and must not panic (see [panics](Fallback#panics) for what happens if it
+    /// does). There is one hook: calling this again replaces it.
     /// Without a hook, stats handle or `tracing` subscriber, nothing is timed or counted.
     pub fn on_outcome<H>(mut self, hook: H) -> Self
     where
@@ -281,19 +320,20 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let speculation = self.settings.plan(self.eligible.eligible(&req));
+        // CORRECTNESS: all the user code `call` runs comes first — the clones before the
+        // primary's `call`, so that a panicking clone leaves the primary uncalled — and
+        // only then is the request planned (a budget deposit, an outcome tracker). A panic
+        // here thus leaves no trace: nothing deposited, counted or reported.
+        let eligible = self.eligible.eligible(&req);
         let fallback_req = req.clone();
-        let primary = self.primary.call(req);
         // The fallback's clone is readied inside the future, never here: `self.fallback`
         // itself is never polled for readiness, so every clone starts out un-readied and
         // is driven to readiness before it is called.
-        ResponseFuture::new(
-            primary,
-            self.fallback.clone(),
-            fallback_req,
-            self.accept.clone(),
-            speculation,
-        )
+        let fallback = self.fallback.clone();
+        let accept = self.accept.clone();
+        let primary = self.primary.call(req);
+        let speculation = self.settings.plan(eligible);
+        ResponseFuture::new(primary, fallback, fallback_req, accept, speculation)
     }
 }
 
