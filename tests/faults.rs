@@ -6,6 +6,7 @@
 
 mod support;
 
+use futures_util::FutureExt;
 use std::{
     any::Any,
     future::Future,
@@ -13,7 +14,7 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering::SeqCst},
-        Arc,
+        Arc, Mutex,
     },
     task::{Context, Poll, Waker},
     time::Duration,
@@ -21,7 +22,11 @@ use std::{
 use support::{hit, poll_once, Answer, Probe, ProbeError, Reply};
 use tokio::time::{Instant, Sleep};
 use tower::{Service, ServiceExt};
-use tower_backstop::{launch::Launch, outcome::Stats, Fallback};
+use tower_backstop::{
+    launch::{Launch, Launched},
+    outcome::{Fate, Outcome, Served, Stats, Verdict},
+    Fallback,
+};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -320,6 +325,7 @@ async fn a_panicking_fallback_future_fails_only_its_request() {
 #[cfg(feature = "budget")]
 mod budget {
     use super::*;
+    use std::sync::atomic::AtomicU8;
 
     /// Counts what it is asked, allowing every withdrawal.
     #[derive(Clone, Default)]
@@ -333,6 +339,156 @@ mod budget {
         fn withdraw(&self) -> bool {
             (self.0).1.fetch_add(1, SeqCst);
             true
+        }
+    }
+
+    /// The user code `call` runs, and the place a test arms it to panic.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    #[repr(u8)]
+    enum Site {
+        Nowhere,
+        Eligible,
+        RequestClone,
+        FallbackClone,
+        AcceptClone,
+        PrimaryCall,
+    }
+
+    /// Shared by every piece of a test's stack: panics at the armed site.
+    #[derive(Clone, Default)]
+    struct Armed(Arc<AtomicU8>);
+
+    impl Armed {
+        fn arm(&self, site: Site) {
+            self.0.store(site as u8, SeqCst);
+        }
+        fn check(&self, site: Site) {
+            if self.0.load(SeqCst) == site as u8 {
+                panic!("{site:?} panicked on purpose");
+            }
+        }
+    }
+
+    struct Req(Armed);
+
+    impl Clone for Req {
+        fn clone(&self) -> Self {
+            self.0.check(Site::RequestClone);
+            Req(self.0.clone())
+        }
+    }
+
+    /// Counts its calls, panicking ones included, and answers `Ok(1)` at once; its clones
+    /// and calls panic where armed.
+    struct Branch {
+        armed: Armed,
+        calls: Arc<AtomicUsize>,
+        clone_site: Site,
+        call_site: Site,
+    }
+
+    impl Clone for Branch {
+        fn clone(&self) -> Self {
+            self.armed.check(self.clone_site);
+            Branch {
+                armed: self.armed.clone(),
+                calls: self.calls.clone(),
+                clone_site: self.clone_site,
+                call_site: self.call_site,
+            }
+        }
+    }
+
+    impl Service<Req> for Branch {
+        type Response = u32;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<u32, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Req) -> Self::Future {
+            self.calls.fetch_add(1, SeqCst);
+            self.armed.check(self.call_site);
+            std::future::ready(Ok(1))
+        }
+    }
+
+    /// Accepts everything; its clones panic where armed.
+    struct AcceptAny(Armed);
+
+    impl Clone for AcceptAny {
+        fn clone(&self) -> Self {
+            self.0.check(Site::AcceptClone);
+            AcceptAny(self.0.clone())
+        }
+    }
+
+    impl<T, E> tower_backstop::accept::Accept<T, E> for AcceptAny {
+        fn accept(&self, _: &Result<T, E>) -> bool {
+            true
+        }
+    }
+
+    /// A panic in any user code `call` runs leaves no trace: no budget deposit, no
+    /// outcome, no count, and — where a clone panicked — no call to the primary.
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_in_call_leaves_no_trace() {
+        let sites = [
+            Site::Eligible,
+            Site::RequestClone,
+            Site::FallbackClone,
+            Site::AcceptClone,
+            Site::PrimaryCall,
+        ];
+        for site in sites {
+            let armed = Armed::default();
+            let branch = |clone_site, call_site| Branch {
+                armed: armed.clone(),
+                calls: Arc::default(),
+                clone_site,
+                call_site,
+            };
+            let primary = branch(Site::Nowhere, Site::PrimaryCall);
+            let fallback = branch(Site::FallbackClone, Site::Nowhere);
+            let (primary_calls, fallback_calls) = (primary.calls.clone(), fallback.calls.clone());
+            let eligible_armed = armed.clone();
+            let (budget, outcomes, stats) =
+                (Counting::default(), Outcomes::default(), Stats::new());
+            let mut svc = Fallback::new(primary, fallback)
+                .accept(AcceptAny(armed.clone()))
+                .speculate_if(move |_: &Req| {
+                    eligible_armed.check(Site::Eligible);
+                    true
+                })
+                .budget(budget.clone())
+                .stats(stats.clone())
+                .on_outcome(outcomes.hook());
+
+            armed.arm(site);
+            let svc = svc.ready().await.unwrap();
+            let panic = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                drop(svc.call(Req(armed.clone())));
+            }))
+            .expect_err("call was expected to panic");
+            assert_eq!(message(&*panic), format!("{site:?} panicked on purpose"));
+
+            let primary_called = usize::from(site == Site::PrimaryCall);
+            assert_eq!(primary_calls.load(SeqCst), primary_called, "{site:?}");
+            assert_eq!(fallback_calls.load(SeqCst), 0, "{site:?}");
+            assert_eq!((budget.0).0.load(SeqCst), 0, "{site:?}: no deposit");
+            assert_eq!(stats.snapshot().requests, 0, "{site:?}");
+            assert!(outcomes.take().is_empty(), "{site:?}");
+
+            // The service carries on.
+            armed.arm(Site::Nowhere);
+            assert_eq!(
+                svc.ready().await.unwrap().call(Req(armed.clone())).await,
+                Ok(1)
+            );
+            assert_eq!((budget.0).0.load(SeqCst), 1, "{site:?}");
+            assert_eq!(tally(&stats), (1, 1, 0, 0, 0, 0, 0, 0), "{site:?}");
         }
     }
 
@@ -437,6 +593,365 @@ async fn the_adaptive_estimate_keeps_recording_after_panics() {
     let estimate = adaptive.estimate().expect("warmed up");
     assert!(ms(9) <= estimate && estimate < ms(10), "{estimate:?}");
     assert_eq!(adaptive.skipped(), 0);
+}
+
+// ---------------------------------------------------------------------------------
+// Panics: what each one leaves behind
+// ---------------------------------------------------------------------------------
+
+/// Collects the outcomes a service reports.
+#[derive(Clone, Default)]
+struct Outcomes(Arc<Mutex<Vec<Outcome>>>);
+
+impl Outcomes {
+    fn hook(&self) -> impl Fn(&Outcome) + Send + Sync + 'static {
+        let seen = self.0.clone();
+        move |o: &Outcome| seen.lock().unwrap().push(o.clone())
+    }
+    fn take(&self) -> Vec<Outcome> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+    fn only(&self) -> Outcome {
+        let mut all = self.take();
+        assert_eq!(all.len(), 1, "{all:?}");
+        all.pop().unwrap()
+    }
+}
+
+/// The counters a panicking request may touch: (requests, by primary, by fallback,
+/// abandoned, fallback launches, speculative launches, cancelled, wasted).
+fn tally(stats: &Stats) -> (u64, u64, u64, u64, u64, u64, u64, u64) {
+    let s = stats.snapshot();
+    (
+        s.requests,
+        s.served_by_primary,
+        s.served_by_fallback,
+        s.abandoned,
+        s.fallback_launches,
+        s.speculative_launches,
+        s.fallbacks_cancelled,
+        s.fallbacks_wasted,
+    )
+}
+
+/// One request, abandoned after a panic, whose fallback was launched with the primary
+/// and cancelled.
+const ABANDONED_AND_CANCELLED: (u64, u64, u64, u64, u64, u64, u64, u64) = (1, 0, 0, 1, 1, 1, 1, 0);
+
+/// Drives a future until it panics, catching the panic; returns its message.
+async fn expect_panic<F: Future + Unpin>(fut: &mut F) -> String {
+    let payload = AssertUnwindSafe(finish(fut))
+        .catch_unwind()
+        .await
+        .map(drop)
+        .expect_err("the future was expected to panic");
+    message(&*payload)
+}
+
+const POISONED: &str = "`ResponseFuture` polled after it panicked";
+
+/// Where a [`Faulty`] service panics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    PollReady,
+    Call,
+    /// Its future panics when polled at or after this long from the call.
+    Future(Duration),
+    /// Its future panics when dropped (unless it is dropped while unwinding).
+    Drop,
+}
+
+/// Wraps a service so that it panics at one place, with a message naming it.
+#[derive(Clone)]
+struct Faulty<S> {
+    inner: S,
+    fault: Fault,
+}
+
+impl<S> Service<u64> for Faulty<S>
+where
+    S: Service<u64>,
+    S::Future: Unpin,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = FaultyFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        if self.fault == Fault::PollReady {
+            panic!("poll_ready panicked on purpose");
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, key: u64) -> Self::Future {
+        if self.fault == Fault::Call {
+            panic!("call panicked on purpose");
+        }
+        let bomb = match self.fault {
+            Fault::Future(at) => Some(Box::pin(tokio::time::sleep(at))),
+            _ => None,
+        };
+        FaultyFuture {
+            inner: self.inner.call(key),
+            bomb,
+            panics_on_drop: self.fault == Fault::Drop,
+        }
+    }
+}
+
+struct FaultyFuture<F> {
+    inner: F,
+    bomb: Option<Pin<Box<Sleep>>>,
+    panics_on_drop: bool,
+}
+
+impl<F: Future + Unpin> Future for FaultyFuture<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        if let Some(bomb) = &mut self.bomb {
+            if bomb.as_mut().poll(cx).is_ready() {
+                panic!("future panicked on purpose");
+            }
+        }
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
+impl<F> Drop for FaultyFuture<F> {
+    fn drop(&mut self) {
+        if self.panics_on_drop && !std::thread::panicking() {
+            panic!("drop panicked on purpose");
+        }
+    }
+}
+
+/// A predicate that panics on the primary's answer: the outcome says the primary
+/// answered, when, and that a panic kept its answer from being judged.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_predicate_is_reported_with_the_primary_answer() {
+    let (outcomes, stats) = (Outcomes::default(), Stats::new());
+    let mut svc = Fallback::new(
+        Probe::fixed("cache", 2, Reply::Value(0)),
+        Probe::fixed("db", 10, Reply::Value(2)),
+    )
+    .accept(hit_or_panic_on_zero)
+    .stats(stats.clone())
+    .on_outcome(outcomes.hook());
+
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
+    assert_eq!(
+        expect_panic(&mut fut).await,
+        "predicate panicked on purpose"
+    );
+    assert!(
+        outcomes.take().is_empty(),
+        "reported when the future is dropped"
+    );
+    drop(fut);
+
+    let o = outcomes.only();
+    assert_eq!(
+        (o.served, o.primary, o.fallback),
+        (Served::Abandoned, Verdict::Panicked, Fate::DroppedInFlight)
+    );
+    assert_eq!((o.primary_latency, o.fallback_latency), (Some(ms(2)), None));
+    assert_eq!(o.launched, Some(Launched::Concurrent));
+    assert_eq!(tally(&stats), ABANDONED_AND_CANCELLED);
+}
+
+/// A response future whose predicate panicked is poisoned: polled again — at once, or
+/// after the fallback could have answered — it panics, and never serves the fallback.
+#[tokio::test(start_paused = true)]
+async fn a_future_whose_predicate_panicked_never_serves() {
+    // (launch, db started, fate, launch reported)
+    let cases = [
+        (
+            Launch::Concurrent,
+            1,
+            Fate::DroppedInFlight,
+            Some(Launched::Concurrent),
+        ),
+        (Launch::Sequential, 0, Fate::NotLaunched, None),
+        (Launch::Delayed(ms(5)), 0, Fate::NotLaunched, None),
+    ];
+    for (launch, started, fate, launched) in cases {
+        let what = format!("{launch:?}");
+        let (outcomes, stats) = (Outcomes::default(), Stats::new());
+        let db = Probe::fixed("db", 3, Reply::Value(2));
+        let db_counts = db.counts();
+        let mut svc = Fallback::new(Probe::fixed("cache", 2, Reply::Value(0)), db)
+            .accept(hit_or_panic_on_zero)
+            .launch(launch)
+            .stats(stats.clone())
+            .on_outcome(outcomes.hook());
+
+        let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
+        assert_eq!(
+            expect_panic(&mut fut).await,
+            "predicate panicked on purpose"
+        );
+        assert_eq!(poll_again(&mut fut), POISONED, "{what}");
+        tokio::time::sleep(ms(20)).await;
+        assert_eq!(poll_again(&mut fut), POISONED, "{what}: later");
+        drop(fut);
+
+        assert_eq!(
+            (db_counts.started(), db_counts.completed()),
+            (started, 0),
+            "{what}"
+        );
+        let o = outcomes.only();
+        assert_eq!(
+            (o.served, o.primary, o.fallback, o.launched),
+            (Served::Abandoned, Verdict::Panicked, fate, launched),
+            "{what}"
+        );
+        let launches = started as u64;
+        assert_eq!(
+            tally(&stats),
+            (1, 0, 0, 1, launches, launches, launches, 0),
+            "{what}"
+        );
+    }
+}
+
+/// A primary whose future panics, or whose spent future panics when dropped: the
+/// outcome tells the two apart, and the future is poisoned.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_primary_is_reported_as_far_as_it_got() {
+    // (primary fault, message, verdict, primary latency)
+    let cases = [
+        (
+            Fault::Future(ms(1)),
+            "future panicked on purpose",
+            Verdict::Pending,
+            None,
+        ),
+        (
+            Fault::Drop,
+            "drop panicked on purpose",
+            Verdict::Panicked,
+            Some(ms(2)),
+        ),
+    ];
+    for (fault, panic, verdict, latency) in cases {
+        let (outcomes, stats) = (Outcomes::default(), Stats::new());
+        let cache = Faulty {
+            inner: Probe::fixed("cache", 2, Reply::Value(1)),
+            fault,
+        };
+        let db = Probe::fixed("db", 10, Reply::Value(2));
+        let db_counts = db.counts();
+        let mut svc = Fallback::new(cache, db)
+            .accept(hit)
+            .stats(stats.clone())
+            .on_outcome(outcomes.hook());
+
+        let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
+        assert_eq!(expect_panic(&mut fut).await, panic, "{fault:?}");
+        assert_eq!(poll_again(&mut fut), POISONED, "{fault:?}");
+        drop(fut);
+
+        assert_eq!(db_counts.dropped(), 1, "{fault:?}");
+        let o = outcomes.only();
+        assert_eq!(
+            (o.served, o.primary, o.fallback, o.primary_latency),
+            (Served::Abandoned, verdict, Fate::DroppedInFlight, latency),
+            "{fault:?}"
+        );
+        assert_eq!(tally(&stats), ABANDONED_AND_CANCELLED, "{fault:?}");
+    }
+}
+
+/// A fallback that panics in `poll_ready`, `call`, its future or its future's drop:
+/// the outcome says how far it got, and the future is poisoned.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_fallback_is_reported_as_far_as_it_got() {
+    // (fallback fault, message, verdict, fate). The cache answers a hit at 2 ms; the
+    // database would answer at 10.
+    let cases = [
+        (
+            Fault::PollReady,
+            "poll_ready panicked on purpose",
+            Verdict::Pending,
+            Fate::DroppedBeforeReady,
+        ),
+        (
+            Fault::Call,
+            "call panicked on purpose",
+            Verdict::Pending,
+            Fate::DroppedInFlight,
+        ),
+        (
+            Fault::Future(ms(1)),
+            "future panicked on purpose",
+            Verdict::Pending,
+            Fate::DroppedInFlight,
+        ),
+        // Dropped in flight when the cache's hit is accepted.
+        (
+            Fault::Drop,
+            "drop panicked on purpose",
+            Verdict::Accepted,
+            Fate::DroppedInFlight,
+        ),
+    ];
+    for (fault, panic, verdict, fate) in cases {
+        let (outcomes, stats) = (Outcomes::default(), Stats::new());
+        let cache = Probe::fixed("cache", 2, Reply::Value(1));
+        let cache_counts = cache.counts();
+        let db = Faulty {
+            inner: Probe::fixed("db", 10, Reply::Value(2)),
+            fault,
+        };
+        let mut svc = Fallback::new(cache, db)
+            .accept(hit)
+            .stats(stats.clone())
+            .on_outcome(outcomes.hook());
+
+        let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
+        assert_eq!(expect_panic(&mut fut).await, panic, "{fault:?}");
+        assert_eq!(poll_again(&mut fut), POISONED, "{fault:?}");
+        drop(fut);
+
+        assert_eq!(cache_counts.in_flight(), 0, "{fault:?}");
+        let o = outcomes.only();
+        assert_eq!(
+            (o.served, o.primary, o.fallback, o.launched),
+            (Served::Abandoned, verdict, fate, Some(Launched::Concurrent)),
+            "{fault:?}"
+        );
+        assert_eq!(tally(&stats), ABANDONED_AND_CANCELLED, "{fault:?}");
+    }
+}
+
+/// A hook that panics: the outcome was counted first and is never counted twice; the
+/// answer is lost with the panic, and the future is poisoned.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_hook_leaves_the_counts_true() {
+    let stats = Stats::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hook_calls = calls.clone();
+    let mut svc = Fallback::new(
+        Probe::fixed("cache", 2, Reply::Value(1)),
+        Probe::fixed("db", 10, Reply::Value(2)),
+    )
+    .accept(hit)
+    .stats(stats.clone())
+    .on_outcome(move |_: &Outcome| {
+        hook_calls.fetch_add(1, SeqCst);
+        panic!("hook panicked on purpose");
+    });
+
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(1));
+    assert_eq!(expect_panic(&mut fut).await, "hook panicked on purpose");
+    assert_eq!(poll_again(&mut fut), POISONED);
+    drop(fut);
+
+    assert_eq!(calls.load(SeqCst), 1);
+    assert_eq!(tally(&stats), (1, 1, 0, 0, 1, 1, 1, 0));
 }
 
 // ---------------------------------------------------------------------------------
