@@ -55,7 +55,8 @@ use tower_service::Service;
 ///   request's `clone`, the fallback's and the predicate's `clone`, then the primary's
 ///   `call`, in that order (so a panicking clone leaves the primary uncalled): the
 ///   request leaves no trace. Nothing is deposited in the budget, and no outcome is
-///   reported or counted; there was no request.
+///   reported or counted; there was no request. (The deposit comes last: a budget of
+///   your own whose `deposit` panics leaves no trace either.)
 /// - **In the response future** — either branch's future, the fallback's `poll_ready`
 ///   or `call`, the [`Accept`](crate::accept::Accept) predicate, a branch's `drop`: the
 ///   panic propagates out of `poll` and poisons the future. Polling it again panics
