@@ -48,8 +48,9 @@ use tower_service::Service;
 ///
 /// # Panics
 ///
-/// This service panics only where user code it runs panics, and that panic propagates
-/// to the caller. Either way, the counters, the budget and the outcome stay true:
+/// Besides a response future polled after it finished (or was poisoned, below), this
+/// service panics only where user code it runs panics; that panic propagates to the
+/// caller, and the counters, the budget and the outcome stay true:
 ///
 /// - **In `call`** — the [`speculate_if`](Fallback::speculate_if) predicate, the
 ///   request's `clone`, the fallback's and the predicate's `clone`, then the primary's
