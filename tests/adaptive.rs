@@ -94,7 +94,10 @@ async fn cut_short_calls_hand_their_weight_to_the_slower_answers() {
             assert_eq!(call.await.map(|a| a.from), Ok("cache"));
         }
     }
-    assert!(within_a_bucket(adaptive.estimate(), ms(2_000)), "{adaptive:?}");
+    assert!(
+        within_a_bucket(adaptive.estimate(), ms(2_000)),
+        "{adaptive:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -217,7 +220,10 @@ async fn follows_a_primary_of_minutes() {
     for key in 0..100 {
         assert_eq!(svc.clone().oneshot(key).await.map(|a| a.from), Ok("cache"));
     }
-    assert!(within_a_bucket(adaptive.estimate(), minute * 9), "{adaptive:?}");
+    assert!(
+        within_a_bucket(adaptive.estimate(), minute * 9),
+        "{adaptive:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -252,13 +258,10 @@ async fn the_outcome_reports_the_delay_as_applied() {
     // tick, and the outcome says so.
     let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
     let seen = outcomes.clone();
-    let svc = Fallback::new(
-        Clocked(|_| ms(3)),
-        Probe::fixed("db", 5, Reply::Value(0)),
-    )
-    .accept(hit)
-    .launch(Launch::Delayed(us(100)))
-    .on_outcome(move |o: &Outcome| seen.lock().unwrap().push(o.clone()));
+    let svc = Fallback::new(Clocked(|_| ms(3)), Probe::fixed("db", 5, Reply::Value(0)))
+        .accept(hit)
+        .launch(Launch::Delayed(us(100)))
+        .on_outcome(move |o: &Outcome| seen.lock().unwrap().push(o.clone()));
     for key in 0..10u64 {
         advance(us(key * 130 % 1_000)).await;
         drive(svc.clone().oneshot(key), us(50)).await.unwrap();
@@ -286,7 +289,10 @@ async fn the_adaptive_delay_is_the_estimate_rounded_up_to_the_timer() {
         advance(us(key * 130 % 1_000)).await;
         drive(svc.clone().oneshot(key), us(10)).await.unwrap();
     }
-    assert!(within_a_bucket(adaptive.estimate(), us(480)), "{adaptive:?}");
+    assert!(
+        within_a_bucket(adaptive.estimate(), us(480)),
+        "{adaptive:?}"
+    );
     assert_eq!(adaptive.delay(), ms(1));
     assert_eq!(db.counts().started(), 0);
 }
