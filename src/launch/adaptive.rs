@@ -56,10 +56,11 @@ const MAX_WINDOW: u64 = u32::MAX as u64;
 /// millisecond, and the fallback starts on the first tick at or after it (between the
 /// delay and the delay + 1 ms after the primary was found pending). Rounding up only
 /// ever speculates less: a primary that answers in 500 µs never starts its fallback,
-/// whatever its percentile. For a primary much faster than a millisecond, no delay
-/// can start the fallback in time to help a slow call by less than a millisecond:
-/// there [`Launch::Concurrent`](super::Launch::Concurrent) or
-/// [`Launch::Sequential`](super::Launch::Sequential) is the honest choice.
+/// whatever its percentile. Against a primary much faster than a millisecond, an
+/// adaptive launch therefore behaves almost like
+/// [`Launch::Sequential`](super::Launch::Sequential): only
+/// [`Launch::Concurrent`](super::Launch::Concurrent) starts a fallback sooner than
+/// the first tick (the repository's latency study measures this, scenario (c)).
 ///
 /// # Cost
 ///
