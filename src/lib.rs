@@ -88,7 +88,7 @@
 //! | feature | default | enables |
 //! |---|---|---|
 //! | `time` | yes | `Launch::Delayed` and `patience`, on tokio's timer (needs a tokio runtime with time enabled) |
-//! | `adaptive` | no | `Launch::Adaptive`, estimating a latency percentile with `hdrhistogram` |
+//! | `adaptive` | no | `Launch::Adaptive`, estimating a latency percentile of the primary |
 //! | `budget` | no | `budget`, capping speculative launches with any `tower::retry::budget::Budget` |
 //! | `tracing` | no | a debug-level span per request carrying its outcome |
 //! | `metrics` | no | outcome counters and latency histograms through the `metrics` facade |

@@ -126,6 +126,10 @@ pub struct Outcome {
     pub fallback: Fate,
     /// Why the fallback started when it did, if it started.
     pub launched: Option<Launched>,
+    /// From the call to the fallback's launch, if it started. After a delayed or
+    /// adaptive launch, this is the delay as applied: at least the delay rounded up to a
+    /// whole millisecond, on a tick of tokio's timer.
+    pub launched_after: Option<Duration>,
     /// Whether the budget refused this request a speculative launch.
     pub budget_refused: bool,
     /// Whether the fallback answered while the primary was still pending (a readiness
@@ -499,6 +503,7 @@ impl Track {
             primary: self.verdict,
             fallback,
             launched: self.launched,
+            launched_after: self.launched_at.map(|at| at.duration_since(self.start)),
             budget_refused: self.budget_refused,
             fallback_first: self.fallback_first,
             primary_latency: self.primary_latency,
