@@ -215,59 +215,79 @@
 pub mod accept;
 mod body;
 mod buffer;
+mod eligible;
 pub mod future;
 mod mark;
+#[cfg(feature = "axum")]
+mod reroute;
 
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use self::reroute::{Reroute, RerouteLayer};
 pub use self::{
     body::ReplayBody,
     buffer::{BufferBody, BufferBodyLayer, DEFAULT_MAX_BYTES},
+    eligible::{IdempotentMethods, SafeMethods},
     mark::{MarkFuture, MarkServedBy, MarkServedByLayer, ServedBy, X_SERVED_BY},
 };
 
 use crate::{Fallback, FallbackLayer};
-use tower_layer::Stack;
 
-impl<F, A, S> FallbackLayer<F, A, S> {
-    /// Buffers request bodies in front of the fallback, so that `http::Request`s with
-    /// streamed bodies can be cloned for it. Call it last: it returns a stack of this
-    /// layer inside a [`BufferBodyLayer`] with the default cap (64 KiB).
+impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
+    /// Buffers request bodies in front of the fallback, up to 64 KiB, so that
+    /// `http::Request`s with streamed bodies can be cloned for it.
     ///
-    /// Equivalent to `ServiceBuilder::new().layer(BufferBodyLayer::new()).layer(self)`.
-    /// See the [`http`](crate::http) module.
-    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
-    pub fn buffer_bodies(self) -> Stack<Self, BufferBodyLayer> {
-        Stack::new(self, BufferBodyLayer::new())
+    /// The layer then builds a [`BufferBody`] around the [`Fallback`], and both branches
+    /// receive `http::Request<`[`ReplayBody`]`>`. It can be called before or after any
+    /// other builder method; calling it again replaces the cap. Equivalent to
+    /// `ServiceBuilder::new().layer(BufferBodyLayer::new()).layer(layer)`. See the
+    /// [`http`](crate::http) module.
+    ///
+    /// Available with the `http` feature.
+    pub fn buffer_bodies(self) -> FallbackLayer<F, A, S, BufferBodyLayer, I> {
+        self.buffer_bodies_with(BufferBodyLayer::new())
     }
-}
 
-impl<F, A, S> FallbackLayer<F, A, S> {
+    /// Like [`buffer_bodies`](FallbackLayer::buffer_bodies), with a
+    /// [`BufferBodyLayer`] of your own, e.g. `BufferBodyLayer::new().max_bytes(1 << 20)`
+    /// for a 1 MiB cap.
+    ///
+    /// Available with the `http` feature.
+    pub fn buffer_bodies_with(
+        self,
+        buffer: BufferBodyLayer,
+    ) -> FallbackLayer<F, A, S, BufferBodyLayer, I> {
+        self.with_parts(|f, a, s, _, i| (f, a, s, buffer, i))
+    }
+
     /// Marks every response with the branch that served it: a [`ServedBy`] response
     /// extension, and with `header: Some(name)` (e.g. [`X_SERVED_BY`]) a header too.
     ///
-    /// Returns a stack that wraps the primary in [`MarkServedByLayer::primary`] inside
-    /// this layer, whose fallback is wrapped in [`MarkServedBy`]. The accept predicate
-    /// sees the marked primary response. Put [`BufferBodyLayer`] outside it when the
-    /// requests have bodies.
+    /// The primary is wrapped in [`MarkServedBy`] (inside the layer, so the accept
+    /// predicate sees the marked primary response) and the fallback in another. It can
+    /// be called before or after any other builder method, such as
+    /// [`buffer_bodies`](FallbackLayer::buffer_bodies).
+    ///
+    /// Available with the `http` feature.
     ///
     /// ```
     /// use axum::{body::Body, http::{Request, StatusCode}, routing::get, Router};
-    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower::ServiceExt;
     /// use tower_backstop::{
-    ///     http::{accept::RejectStatus, BufferBodyLayer, ServedBy, X_SERVED_BY},
+    ///     http::{accept::RejectStatus, ServedBy, X_SERVED_BY},
     ///     FallbackLayer,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
-    /// let origin = Router::new().route("/", get(|| async { "from the origin" }));
+    /// let origin = get(|| async { "from the origin" });
     /// let app = Router::new()
     ///     .route("/", get(|| async { StatusCode::NOT_FOUND }))
     ///     .layer(
-    ///         ServiceBuilder::new().layer(BufferBodyLayer::new()).layer(
-    ///             FallbackLayer::new(origin)
-    ///                 .accept(RejectStatus(StatusCode::NOT_FOUND))
-    ///                 .mark_served_by(Some(X_SERVED_BY)),
-    ///         ),
+    ///         FallbackLayer::new(origin)
+    ///             .accept(RejectStatus(StatusCode::NOT_FOUND))
+    ///             .mark_served_by(Some(X_SERVED_BY))
+    ///             .buffer_bodies(),
     ///     );
     ///
     /// let response = app.oneshot(Request::get("/").body(Body::empty()).unwrap()).await.unwrap();
@@ -275,23 +295,22 @@ impl<F, A, S> FallbackLayer<F, A, S> {
     /// assert_eq!(response.extensions().get::<ServedBy>(), Some(&ServedBy::Fallback));
     /// # }
     /// ```
-    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn mark_served_by(
         self,
         header: Option<http::HeaderName>,
-    ) -> Stack<MarkServedByLayer, FallbackLayer<MarkServedBy<F>, A, S>> {
+    ) -> FallbackLayer<MarkServedBy<F>, A, S, O, MarkServedByLayer> {
         let mut primary = MarkServedByLayer::primary();
         if let Some(name) = &header {
             primary = primary.header(name.clone());
         }
-        let layer = self.map_fallback(|fallback| {
+        self.with_parts(|fallback, a, s, o, _| {
             let marked = MarkServedBy::new(fallback, ServedBy::Fallback);
-            match header {
+            let marked = match header {
                 Some(name) => marked.header(name),
                 None => marked,
-            }
-        });
-        Stack::new(primary, layer)
+            };
+            (marked, a, s, o, primary)
+        })
     }
 }
 
@@ -299,7 +318,8 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     /// Wraps this service in a [`BufferBody`] with the default cap (64 KiB), so that it
     /// accepts `http::Request`s with streamed bodies. See the [`http`](crate::http)
     /// module.
-    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+    ///
+    /// Available with the `http` feature.
     pub fn buffer_bodies(self) -> BufferBody<Self> {
         BufferBody::new(self)
     }
