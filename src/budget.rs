@@ -20,10 +20,12 @@
 //! // Speculate for at most 10% of the requests over a 10 s window, and at least once a
 //! // second whatever the traffic.
 //! let budget = Arc::new(TpsBudget::new(Duration::from_secs(10), 1, 0.1));
-//! let layer = FallbackLayer::new(db).shared_budget(budget.clone());
-//! // The handle reads the budget's balance as tower's `Budget` trait allows.
-//! assert!(budget.withdraw());
-//! # let _ = layer;
+//! let reads = FallbackLayer::new(db.clone()).shared_budget(budget.clone());
+//! // A second layer drawing on the same budget.
+//! let scans = FallbackLayer::new(db).shared_budget(budget.clone());
+//! // The handle is a `Budget` too: `deposit` and `withdraw` by hand if you must.
+//! budget.deposit();
+//! # let _ = (reads, scans);
 //! ```
 
 pub use tower::retry::budget::{Budget, TpsBudget};

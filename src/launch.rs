@@ -59,11 +59,15 @@ pub enum Launch {
     /// delay counts from the response future's first poll that finds the primary
     /// pending (normally right after `call`), so a primary that answers at once never
     /// reads the clock. A delay too long to represent (`Duration::MAX`) never runs out.
+    ///
+    /// Available with the `time` feature (on by default).
     #[cfg(feature = "time")]
     #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
     Delayed(Duration),
     /// Like [`Launch::Delayed`], with the delay following a percentile of the
     /// primary's recent latency. See [`Adaptive`].
+    ///
+    /// Available with the `adaptive` feature.
     #[cfg(feature = "adaptive")]
     #[cfg_attr(docsrs, doc(cfg(feature = "adaptive")))]
     Adaptive(Adaptive),

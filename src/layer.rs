@@ -92,17 +92,19 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     }
 
     /// Replaces the predicate that decides whether the primary's result stands.
-    /// Default: [`AcceptOk`]. See [`Fallback::accept`].
     ///
     /// **A closure needs its argument's type written out**, as in
     /// `.accept(|r: &Result<Option<Row>, Infallible>| matches!(r, Ok(Some(_))))`: the
     /// layer does not know the response type until it wraps a service. Without the
-    /// annotation, rustc stops at the closure with `error[E0282]: type annotations
-    /// needed`, or, when the closure's use fixes only part of the type, at the place the
-    /// stack is used (`oneshot`, `Router::layer`, `axum::serve`) with `error[E0277]`
-    /// saying the `Fallback<..>` is not a `Service` and the closure does not implement
-    /// `Accept`. For HTTP responses the `http` feature has ready-made status predicates
-    /// (`RejectStatus`, `StatusIn`, `GrpcStatus`) that need no annotation.
+    /// annotation rustc reports `error[E0282]: type annotations needed` at the closure,
+    /// or, when the closure's body fixes part of the type, an error far from it: at
+    /// `oneshot`, ``error[E0599]: the method `oneshot` exists for struct
+    /// `Fallback<..>`, but its trait bounds were not satisfied``; at `Router::layer`,
+    /// `error[E0631]: type mismatch in closure arguments`. For HTTP responses the `http`
+    /// feature's status predicates (`RejectStatus`, `StatusIn`, `GrpcStatus`) need no
+    /// annotation.
+    ///
+    /// Default: [`AcceptOk`]. See [`Fallback::accept`].
     pub fn accept<A2>(self, accept: A2) -> FallbackLayer<F, A2, S, O, I> {
         self.with_parts(|f, _, s, o, i| (f, accept, s, o, i))
     }
@@ -160,18 +162,19 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
         self
     }
 
-    /// Lets only the requests `eligible` approves start their fallback speculatively.
-    /// Default: [`AnyRequest`]. See [`Fallback::speculate_if`].
+    /// Lets only the requests `eligible` approves start their fallback speculatively;
+    /// the others start it only after the primary is rejected.
     ///
     /// **A closure needs its argument's type written out**, as in
     /// `.speculate_if(|req: &Request<ReplayBody>| req.method() == Method::GET)`: the
-    /// layer does not know the request type until it is used. Without it, rustc says
-    /// `error[E0282]: type annotations needed` at the closure. For HTTP, the `http`
-    /// feature has ready-made predicates that need none:
-    /// `http::SafeMethods` and `http::IdempotentMethods`
-    /// (RFC 9110 §9.2.1, §9.2.2). Behind
-    /// [`buffer_bodies`](FallbackLayer::buffer_bodies) the request type is
-    /// `http::Request<ReplayBody>`.
+    /// layer does not know the request type until it is used, and without the
+    /// annotation rustc reports `error[E0282]: type annotations needed` at the closure.
+    /// Behind [`buffer_bodies`](FallbackLayer::buffer_bodies) the request type is
+    /// `http::Request<ReplayBody>`. For HTTP, the `http` feature has ready-made
+    /// predicates that need no annotation: `http::SafeMethods` and
+    /// `http::IdempotentMethods` (RFC 9110 §9.2.1, §9.2.2).
+    ///
+    /// Default: [`AnyRequest`]. See [`Fallback::speculate_if`].
     pub fn speculate_if<S2>(self, eligible: S2) -> FallbackLayer<F, A, S2, O, I> {
         self.with_parts(|f, a, _, o, i| (f, a, eligible, o, i))
     }

@@ -1,6 +1,8 @@
 //! HTTP and gRPC: request bodies, status predicates, and how the layer sits in axum,
 //! hyper and tonic stacks.
 //!
+//! Available with the `http` feature; `Reroute` needs the `axum` feature.
+//!
 //! A [`Fallback`] gives the fallback a clone of each request, and an
 //! `http::Request<B>` is only `Clone` when its body is — a streamed body (axum's,
 //! hyper's, tonic's) is not. [`BufferBody`] (or [`BufferBodyLayer`]) reads the body
@@ -29,69 +31,94 @@
 //! # axum
 //!
 //! `Router::layer` and `Router::route_layer` take the layer with one more builder
-//! call, [`buffer_bodies`](crate::FallbackLayer::buffer_bodies). The fallback is any
-//! `Infallible` service answering axum's `Response`: a proxy to another service (see
-//! the next section), a handler, or another `Router`:
+//! call, [`buffer_bodies`](crate::FallbackLayer::buffer_bodies) (the builder methods
+//! can be called in any order). The fallback is any `Infallible` service answering
+//! axum's `Response`: another `Router`, a handler, or a proxy to another service (see
+//! the next section).
+//!
+//! **A `Router` as the fallback** goes in a `Reroute` (feature `axum`). Behind
+//! `layer` and `route_layer` a request has been routed already, and axum keeps the
+//! path parameters it matched in the request's extensions; a second router would add
+//! its own to them, and its `Path` extractors would answer
+//! `500 Wrong number of path arguments for Path. Expected 1 but got 2`. `Reroute`
+//! resets axum's routing state and keeps every other extension, so what your own
+//! layers add (an `Extension` from an auth layer, a request id, `ConnectInfo`) reaches
+//! both branches:
 //!
 //! ```
-//! use axum::{body::Body, extract::Path, http::{Request, StatusCode}, routing::get, Router};
-//! use tower::ServiceExt;
-//! use tower_backstop::{http::{accept::RejectStatus, ReplayBody}, FallbackLayer};
-//!
+//! # #[cfg(feature = "axum")]
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
-//! let origin = Router::new()
-//!     .route("/item/{id}", get(|Path(id): Path<u32>| async move { format!("origin {id}") }))
-//!     // Routed once already: see "A router as the fallback" below.
-//!     .map_request(|mut req: Request<ReplayBody>| {
-//!         req.extensions_mut().clear();
-//!         req
-//!     });
+//! use axum::{body::Body, extract::Path, http::{Request, StatusCode}, routing::get, Extension, Router};
+//! use tower::ServiceExt;
+//! use tower_backstop::{
+//!     http::{accept::RejectStatus, Reroute, SafeMethods},
+//!     FallbackLayer,
+//! };
 //!
+//! #[derive(Clone)]
+//! struct CurrentUser(&'static str);
+//!
+//! // The database: an axum router of its own.
+//! let database = Router::new().route(
+//!     "/user/{id}",
+//!     get(|Path(id): Path<u32>, Extension(user): Extension<CurrentUser>| async move {
+//!         format!("user {id} for {}", user.0)
+//!     }),
+//! );
+//!
+//! // The cache answers 404 on a miss.
 //! let app = Router::new()
-//!     .route("/item/{id}", get(|| async { (StatusCode::NOT_FOUND, "not cached") }))
+//!     .route("/user/{id}", get(|Path(_id): Path<u32>| async { StatusCode::NOT_FOUND }))
 //!     .route_layer(
-//!         FallbackLayer::new(origin)
+//!         FallbackLayer::new(Reroute::new(database))
 //!             .accept(RejectStatus(StatusCode::NOT_FOUND))
+//!             // Writes reach the database only after the cache said no.
+//!             .speculate_if(SafeMethods)
 //!             .buffer_bodies(),
-//!     );
+//!     )
+//!     // An auth layer's extension, outermost: both routers see it.
+//!     .layer(Extension(CurrentUser("ada")));
 //!
 //! let response = app
-//!     .oneshot(Request::get("/item/7").body(Body::empty()).unwrap())
+//!     .oneshot(Request::get("/user/7").body(Body::empty()).unwrap())
 //!     .await
 //!     .unwrap(); // `Infallible`
-//! assert_eq!(response.status(), StatusCode::OK);
+//! assert_eq!(response.status(), StatusCode::OK); // "user 7 for ada", from the database
 //! # }
+//! # #[cfg(not(feature = "axum"))]
+//! # fn main() {}
 //! ```
 //!
 //! With `Router::layer` instead of `route_layer`, the layer also wraps the router's own
 //! fallback, so a path this router does not have (its `404`) is sent to the fallback
-//! too. To set the cap, use the layer itself:
-//! `.layer(FallbackLayer::new(origin)).layer(BufferBodyLayer::new().max_bytes(n))` —
-//! axum applies the last layer outermost.
+//! too. To set the body cap, use
+//! [`buffer_bodies_with`](crate::FallbackLayer::buffer_bodies_with)`(BufferBodyLayer::new().max_bytes(n))`.
 //!
-//! **A router as the fallback.** Behind `layer` and `route_layer` a request has been
-//! routed already, and axum keeps the path parameters it matched in the request's
-//! extensions. A second router adds its own to them, so a `Path` extractor in the
-//! fallback router finds one parameter too many. Either give that router the request
-//! without extensions, as above, or put the layer around the whole primary router,
-//! where it sees requests before any routing:
+//! A handler or a `MethodRouter` as the fallback (`FallbackLayer::new(get(handler))`)
+//! does not route again: its `Path` extractor reads the parameters the primary's route
+//! matched, which are the ones it wants, so it needs no `Reroute` and no `axum`
+//! feature. The layer can also wrap a whole primary router, where it sees requests
+//! before any routing; serve that with `axum::serve` as below:
 //!
-//! ```
-//! # use axum::{body::Body, http::{Request, StatusCode}, routing::get, Router};
-//! # use tower::{Layer, ServiceExt};
-//! # use tower_backstop::{http::accept::RejectStatus, FallbackLayer};
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! # let origin = Router::new().route("/item/{id}", get(|| async { "origin" }));
-//! # let cache = Router::new();
-//! let app = FallbackLayer::new(origin)
+//! ```no_run
+//! use axum::{extract::Path, http::StatusCode, routing::get, Router};
+//! use tower::Layer;
+//! use tower_backstop::{http::accept::RejectStatus, FallbackLayer};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> std::io::Result<()> {
+//! let database = Router::new().route("/user/{id}", get(|Path(id): Path<u32>| async move {
+//!     format!("user {id}")
+//! }));
+//! let cache = Router::new().route("/user/{id}", get(|| async { StatusCode::NOT_FOUND }));
+//! let app = FallbackLayer::new(database)
 //!     .accept(RejectStatus(StatusCode::NOT_FOUND))
 //!     .buffer_bodies()
 //!     .layer(cache);
-//! // Serve it with `axum::serve(listener, axum::ServiceExt::into_make_service(app))`.
-//! # let response = app.oneshot(Request::get("/item/7").body(Body::empty()).unwrap()).await.unwrap();
-//! # assert_eq!(response.status(), StatusCode::OK);
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, axum::ServiceExt::<axum::extract::Request>::into_make_service(app)).await
 //! # }
 //! ```
 //!
@@ -244,6 +271,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     /// [`http`](crate::http) module.
     ///
     /// Available with the `http` feature.
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn buffer_bodies(self) -> FallbackLayer<F, A, S, BufferBodyLayer, I> {
         self.buffer_bodies_with(BufferBodyLayer::new())
     }
@@ -253,6 +281,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     /// for a 1 MiB cap.
     ///
     /// Available with the `http` feature.
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn buffer_bodies_with(
         self,
         buffer: BufferBodyLayer,
@@ -295,6 +324,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     /// assert_eq!(response.extensions().get::<ServedBy>(), Some(&ServedBy::Fallback));
     /// # }
     /// ```
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn mark_served_by(
         self,
         header: Option<http::HeaderName>,
@@ -320,6 +350,7 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     /// module.
     ///
     /// Available with the `http` feature.
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn buffer_bodies(self) -> BufferBody<Self> {
         BufferBody::new(self)
     }

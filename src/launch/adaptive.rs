@@ -43,6 +43,8 @@ const NO_ESTIMATE: u64 = u64::MAX;
 /// let launch = Launch::Adaptive(Adaptive::new(0.9, Duration::from_millis(5)).window(2_000));
 /// # let _ = launch;
 /// ```
+///
+/// Available with the `adaptive` feature.
 #[derive(Clone)]
 pub struct Adaptive {
     inner: Arc<Estimator>,
