@@ -36,8 +36,8 @@ use tower_layer::{Identity, Layer};
 /// and `S` the [`Eligible`](crate::launch::Eligible) predicate. `O` and `I` are layers
 /// the built [`Fallback`] is wrapped in (`O`) and the primary is wrapped in (`I`); both
 /// are [`Identity`] unless the `http` feature's
-/// [`buffer_bodies`](FallbackLayer::buffer_bodies) or
-/// [`mark_served_by`](FallbackLayer::mark_served_by) set them, so the builder methods
+/// `buffer_bodies` or
+/// `mark_served_by` set them, so the builder methods
 /// can be called in any order and the layer stays one type.
 #[derive(Clone)]
 pub struct FallbackLayer<F, A = AcceptOk, S = AnyRequest, O = Identity, I = Identity> {
@@ -169,7 +169,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     /// `.speculate_if(|req: &Request<ReplayBody>| req.method() == Method::GET)`: the
     /// layer does not know the request type until it is used, and without the
     /// annotation rustc reports `error[E0282]: type annotations needed` at the closure.
-    /// Behind [`buffer_bodies`](FallbackLayer::buffer_bodies) the request type is
+    /// Behind `buffer_bodies` the request type is
     /// `http::Request<ReplayBody>`. For HTTP, the `http` feature has ready-made
     /// predicates that need no annotation: `http::SafeMethods` and
     /// `http::IdempotentMethods` (RFC 9110 §9.2.1, §9.2.2).
