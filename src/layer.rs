@@ -223,6 +223,50 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     }
 }
 
+/// Stand-ins for the builder methods of features that are off: calling one fails to
+/// compile with a message that names the feature (see `crate::feature`).
+#[allow(missing_docs)]
+impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
+    #[cfg(not(feature = "budget"))]
+    #[doc(hidden)]
+    pub fn budget<B: crate::feature::NeedsBudget>(self, _budget: B) -> Self {
+        self
+    }
+
+    #[cfg(not(feature = "budget"))]
+    #[doc(hidden)]
+    pub fn shared_budget<B: crate::feature::NeedsBudget>(self, _budget: B) -> Self {
+        self
+    }
+
+    #[cfg(not(feature = "time"))]
+    #[doc(hidden)]
+    pub fn patience<D: crate::feature::NeedsTime>(self, _patience: D) -> Self {
+        self
+    }
+
+    #[cfg(not(feature = "metrics"))]
+    #[doc(hidden)]
+    pub fn metrics<N: crate::feature::NeedsMetrics>(self, _name: N) -> Self {
+        self
+    }
+
+    #[cfg(not(feature = "http"))]
+    #[doc(hidden)]
+    pub fn buffer_bodies(self) -> Self
+    where
+        F: crate::feature::NeedsHttp,
+    {
+        self
+    }
+
+    #[cfg(not(feature = "http"))]
+    #[doc(hidden)]
+    pub fn mark_served_by<H: crate::feature::NeedsHttp>(self, _header: H) -> Self {
+        self
+    }
+}
+
 impl<P, F, A, S, O, I> Layer<P> for FallbackLayer<F, A, S, O, I>
 where
     F: Clone,

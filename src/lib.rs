@@ -105,6 +105,8 @@ pub mod accept;
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
 pub mod budget;
+#[doc(hidden)]
+pub mod feature;
 pub mod future;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
