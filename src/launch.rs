@@ -72,12 +72,16 @@ pub enum Launch {
     /// Extra load is one call per request whose primary takes longer than that;
     /// choosing the delay at the primary's p95 latency costs at most about 5% extra
     /// load. A delay too long to represent (`Duration::MAX`) never runs out.
+    ///
+    /// Available with the `time` feature (on by default).
     #[cfg(feature = "time")]
     #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
     Delayed(Duration),
     /// Like [`Launch::Delayed`], with the delay following a percentile of the
     /// primary's recent latency, calls cut short included; rounded up to a whole
     /// millisecond like any delay. See [`Adaptive`].
+    ///
+    /// Available with the `adaptive` feature.
     #[cfg(feature = "adaptive")]
     #[cfg_attr(docsrs, doc(cfg(feature = "adaptive")))]
     Adaptive(Adaptive),

@@ -39,6 +39,8 @@ use std::{
 /// assert_eq!(copy.collect().await.unwrap().to_bytes(), "hello");
 /// # }
 /// ```
+///
+/// Available with the `http` feature.
 #[derive(Clone, Default)]
 pub struct ReplayBody {
     // What is left to yield: the data is taken by the first poll, the trailers by the

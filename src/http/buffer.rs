@@ -11,6 +11,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 /// The default cap on a buffered request body: 64 KiB.
+///
+/// Available with the `http` feature.
 pub const DEFAULT_MAX_BYTES: usize = 64 * 1024;
 
 /// Reads each request's body into memory, so that the request can be cloned.
@@ -43,6 +45,8 @@ pub const DEFAULT_MAX_BYTES: usize = 64 * 1024;
 /// `poll_ready` is the inner service's. When a body has to be read first, the service
 /// that was readied moves into the response future and a clone is left in its place,
 /// as tower's `AsyncFilter` does, so the inner service must be `Clone`.
+///
+/// Available with the `http` feature.
 #[derive(Clone, Debug)]
 pub struct BufferBody<S> {
     inner: S,
@@ -138,6 +142,8 @@ where
 ///     .service(cache);
 /// # let _ = svc;
 /// ```
+///
+/// Available with the `http` feature.
 #[derive(Clone, Copy, Debug)]
 pub struct BufferBodyLayer {
     max_bytes: usize,

@@ -1,4 +1,6 @@
 //! The future returned by a [`BufferBody`](super::BufferBody) service.
+//!
+//! Available with the `http` feature.
 
 use super::{buffer::Rejection, ReplayBody};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -19,6 +21,8 @@ pin_project! {
     /// It reads the request body (if there is one to read), then calls the inner
     /// service with the buffered request and resolves to its answer — or, if the body
     /// was too large or failed, to a `413` or `400` response without calling it.
+    ///
+    /// Available with the `http` feature.
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<ReplayBody>>,

@@ -79,6 +79,8 @@ const MAX_WINDOW: u64 = u32::MAX as u64;
 /// let launch = Launch::Adaptive(Adaptive::new(0.9, Duration::from_millis(5)).window(2_000));
 /// # let _ = launch;
 /// ```
+///
+/// Available with the `adaptive` feature.
 #[derive(Clone)]
 pub struct Adaptive {
     inner: Arc<Estimator>,
