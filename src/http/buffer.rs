@@ -99,22 +99,35 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let protocol = Protocol::of(&parts.headers);
+        // Refused answers leave the readied service readied for the next call, as
+        // with any service that turns a request away.
+        let refuse = |rejection: Rejection| ResponseFuture::rejected(rejection.response(protocol));
+        let framing = match Framing::of(&parts.headers) {
+            Ok(framing) => framing,
+            Err(rejection) => return refuse(rejection),
+        };
         if body.is_end_stream() {
             // Nothing to read: the readied service is called right away.
+            if let Err(rejection) = framing.finish(0, &mut parts.headers) {
+                return refuse(rejection);
+            }
             let req = Request::from_parts(parts, ReplayBody::empty());
             return ResponseFuture::called(self.inner.call(req));
         }
-        let grpc = is_grpc(&parts.headers);
-        if declared_len(&parts.headers, &body) > self.max_bytes as u64 {
-            // Refused before a byte is read. The readied service stays readied for the
-            // next call, as with any service that turns a request away.
-            return ResponseFuture::rejected(Rejection::TooLarge.response(grpc));
+        // A claim is only ever compared with the cap: memory follows the bytes.
+        let declared = framing
+            .declared()
+            .unwrap_or(0)
+            .max(body.size_hint().lower());
+        if declared > u64::try_from(self.max_bytes).unwrap_or(u64::MAX) {
+            return refuse(Rejection::TooLarge);
         }
         // The body is read before the call: move the readied service into the future.
         let clone = self.inner.clone();
         let inner = mem::replace(&mut self.inner, clone);
-        ResponseFuture::collecting(inner, parts, body, self.max_bytes, grpc)
+        ResponseFuture::collecting(inner, parts, body, self.max_bytes, framing, protocol)
     }
 }
 
@@ -176,51 +189,227 @@ impl<S> Layer<S> for BufferBodyLayer {
 /// Why a request was answered without calling the inner service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Rejection {
-    /// The body is larger than the cap.
+    /// The body (with its trailers) is larger than the cap.
     TooLarge,
     /// The body failed while being read.
     Unreadable,
+    /// The framing headers are invalid, or contradict the body.
+    Malformed,
 }
 
 impl Rejection {
-    pub(crate) fn response<B: Default>(self, grpc: bool) -> Response<B> {
+    /// The answer, in the form the request's protocol reads. Built on the cold path:
+    /// the static header values cost no allocation, the header map does.
+    pub(crate) fn response<B: Default>(self, protocol: Protocol) -> Response<B> {
         let mut response = Response::new(B::default());
-        if grpc {
-            // A trailers-only gRPC answer: the status travels in the headers.
-            let (code, message) = match self {
-                Rejection::TooLarge => ("8", "request body is larger than the buffer limit"),
-                Rejection::Unreadable => ("13", "request body could not be read"),
-            };
-            let headers = response.headers_mut();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
-            headers.insert("grpc-status", HeaderValue::from_static(code));
-            headers.insert("grpc-message", HeaderValue::from_static(message));
-        } else {
-            *response.status_mut() = match self {
-                Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-                Rejection::Unreadable => StatusCode::BAD_REQUEST,
-            };
-        }
+        let content_type = match protocol {
+            Protocol::Http => {
+                *response.status_mut() = match self {
+                    Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                    Rejection::Unreadable | Rejection::Malformed => StatusCode::BAD_REQUEST,
+                };
+                return response;
+            }
+            // As tonic answers.
+            Protocol::Grpc => "application/grpc",
+            // As tonic-web answers; a grpc-web client decodes by this type.
+            Protocol::GrpcWeb => "application/grpc-web+proto",
+            Protocol::GrpcWebText => "application/grpc-web-text+proto",
+        };
+        // A trailers-only answer: HTTP 200, the status in the headers, no message.
+        // gRPC-Web keeps this form as it is. The codes are those of the gRPC spec's
+        // HTTP-to-gRPC mapping (413 has none: RESOURCE_EXHAUSTED is what servers use).
+        let (code, message) = match self {
+            Rejection::TooLarge => ("8", "request body is larger than the buffer limit"),
+            Rejection::Unreadable => ("13", "request body could not be read"),
+            Rejection::Malformed => ("13", "request body does not match its framing headers"),
+        };
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert("grpc-status", HeaderValue::from_static(code));
+        headers.insert("grpc-message", HeaderValue::from_static(message));
         response
     }
 }
 
-/// The body's length as announced before reading it: its size hint's lower bound, or
-/// the `Content-Length` header, whichever is larger.
-fn declared_len<B: Body>(headers: &HeaderMap, body: &B) -> u64 {
-    let hinted = body.size_hint().lower();
-    let header = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    header.map_or(hinted, |header| header.max(hinted))
+/// The protocol a request speaks, by its `Content-Type`: it decides the form of a
+/// refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Http,
+    /// `application/grpc`, alone or with `+format` or parameters.
+    Grpc,
+    /// `application/grpc-web`, alone or with `+format` or parameters.
+    GrpcWeb,
+    /// `application/grpc-web-text`, alone or with `+format` or parameters.
+    GrpcWebText,
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+impl Protocol {
+    pub(crate) fn of(headers: &HeaderMap) -> Protocol {
+        let Some(value) = headers.get(header::CONTENT_TYPE) else {
+            return Protocol::Http;
+        };
+        // Media types are case-insensitive (RFC 9110 §8.3.1).
+        let Some(rest) = strip_prefix_ignore_case(value.as_bytes(), b"application/grpc") else {
+            return Protocol::Http;
+        };
+        if subtype_ends(rest) {
+            return Protocol::Grpc;
+        }
+        let Some(rest) = strip_prefix_ignore_case(rest, b"-web") else {
+            return Protocol::Http;
+        };
+        if subtype_ends(rest) {
+            return Protocol::GrpcWeb;
+        }
+        match strip_prefix_ignore_case(rest, b"-text") {
+            Some(rest) if subtype_ends(rest) => Protocol::GrpcWebText,
+            _ => Protocol::Http,
+        }
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(value: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    let head = value.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &value[prefix.len()..])
+}
+
+/// Whether a media subtype ends here: at the end, at a `+format` suffix, or at the
+/// parameters (`OWS ";"`). `application/grpcfoo` is another type.
+fn subtype_ends(rest: &[u8]) -> bool {
+    match rest.first() {
+        None | Some(b'+') => true,
+        Some(_) => matches!(
+            rest.iter().find(|&&b| b != b' ' && b != b'\t'),
+            None | Some(b';')
+        ),
+    }
+}
+
+/// How a request's framing headers delimit its body (RFC 9112 §6), checked before
+/// the body is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// Neither `Content-Length` nor `Transfer-Encoding`: the body's end is its own.
+    Unframed,
+    /// A valid `Content-Length`. `canonical` is false when it was a list of equal
+    /// values (`10, 10`, or repeated lines), forwarded as one value.
+    Length { len: u64, canonical: bool },
+    /// `Transfer-Encoding` with `chunked` last: self-delimiting, right for any length.
+    Chunked,
+}
+
+impl Framing {
+    /// Reads the framing headers, refusing what a server must refuse with `400`:
+    /// an invalid `Content-Length`, a `Transfer-Encoding` that does not end in
+    /// `chunked` exactly once, and both headers at once (a request smuggling sign).
+    pub(crate) fn of(headers: &HeaderMap) -> Result<Framing, Rejection> {
+        let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+        let chunked = codings.peek().is_some();
+        if chunked && !ends_in_chunked(codings) {
+            return Err(Rejection::Malformed);
+        }
+        let mut lines = headers.get_all(header::CONTENT_LENGTH).iter();
+        let Some(first) = lines.next() else {
+            return Ok(if chunked {
+                Framing::Chunked
+            } else {
+                Framing::Unframed
+            });
+        };
+        if chunked {
+            return Err(Rejection::Malformed);
+        }
+        // One line of digits, as nearly every client sends it: the fast path.
+        if let Some(len) = digits(first.as_bytes()) {
+            if lines.next().is_none() {
+                return Ok(Framing::Length {
+                    len,
+                    canonical: true,
+                });
+            }
+        }
+        // A list: every element must be the same valid length (RFC 9110 §8.6).
+        let mut len = None;
+        for line in headers.get_all(header::CONTENT_LENGTH) {
+            for element in line.as_bytes().split(|&b| b == b',') {
+                let value = digits(trim_ows(element)).ok_or(Rejection::Malformed)?;
+                if *len.get_or_insert(value) != value {
+                    return Err(Rejection::Malformed);
+                }
+            }
+        }
+        let len = len.ok_or(Rejection::Malformed)?;
+        Ok(Framing::Length {
+            len,
+            canonical: false,
+        })
+    }
+
+    /// The length the headers announce, if they do.
+    pub(crate) fn declared(self) -> Option<u64> {
+        match self {
+            Framing::Length { len, .. } => Some(len),
+            Framing::Unframed | Framing::Chunked => None,
+        }
+    }
+
+    /// Checks the framing against the `received` bytes of a body read to its end,
+    /// and writes a listed `Content-Length` as one value.
+    pub(crate) fn finish(self, received: u64, headers: &mut HeaderMap) -> Result<(), Rejection> {
+        match self {
+            Framing::Length { len, .. } if len != received => Err(Rejection::Malformed),
+            Framing::Length {
+                len,
+                canonical: false,
+            } => {
+                // Rare: allocates the one value.
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether the transfer codings end in `chunked`, which appears nowhere else
+/// (RFC 9112 §6.1, §6.3). Empty list elements are ignored (RFC 9110 §5.6.1).
+fn ends_in_chunked<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> bool {
+    let mut last_is_chunked = false;
+    for line in lines {
+        for coding in line.as_bytes().split(|&b| b == b',').map(trim_ows) {
+            if coding.is_empty() {
+                continue;
+            }
+            if last_is_chunked {
+                // `chunked` followed by another coding, or applied twice.
+                return false;
+            }
+            last_is_chunked = coding.eq_ignore_ascii_case(b"chunked");
+        }
+    }
+    last_is_chunked
+}
+
+/// `1*DIGIT` as a `u64`; `None` for anything else, or on overflow.
+fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |len, &b| {
+        let digit = u64::from(b.checked_sub(b'0').filter(|d| *d <= 9)?);
+        len.checked_mul(10)?.checked_add(digit)
+    })
+}
+
+fn trim_ows(mut value: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = value {
+        value = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = value {
+        value = rest;
+    }
+    value
 }
