@@ -24,25 +24,79 @@ pub const DEFAULT_MAX_BYTES: usize = 64 * 1024;
 ///   [`ReplayBody`]: nothing is read, nothing is allocated.
 /// - **Bodies up to the cap** are read completely before the inner service is called.
 ///   A body that arrives in one chunk is kept as it is, without a copy.
-/// - **Bodies over the cap** (default [`DEFAULT_MAX_BYTES`], 64 KiB): the inner service
-///   is not called. When the `Content-Length` header or the body's size hint already
-///   says it is too large, the body is not read at all. The answer is
-///   `413 Payload Too Large`.
+/// - **Bodies over the cap** (default [`DEFAULT_MAX_BYTES`], 64 KiB) are answered
+///   `413 Payload Too Large` and the inner service is not called. When the
+///   `Content-Length` header or the body's size hint already says the body is too
+///   large, it is not read at all; otherwise it is read up to the chunk that crosses
+///   the cap. The cap counts the data bytes plus the trailers, each trailer field as
+///   HTTP/2 counts a header list: name length + value length + 32 bytes.
 /// - **A body that fails while being read** is answered `400 Bad Request` and the
 ///   inner service is not called.
 ///
-/// Those two answers are responses, not errors: the error type passes through, so an
+/// # Framing headers
+///
+/// Both branches receive the request's `Content-Length` and `Transfer-Encoding`
+/// headers as they came, so they must describe the bytes forwarded. A hyper server
+/// guarantees that for what it reads off the wire; a layer outside `BufferBody` that
+/// replaces the body, or an in-process caller, may not. As a proxy does
+/// (RFC 9110 §8.6, RFC 9112 §6), a request is answered `400 Bad Request`, reaching
+/// neither branch, when:
+///
+/// - its `Content-Length` is not a valid length (digits only), or lists different
+///   values — refused before the body is read;
+/// - its body is longer than its `Content-Length` — refused at the first chunk past
+///   it — or shorter — refused when the body ends (an empty body included);
+/// - its `Transfer-Encoding` does not end in `chunked`, or applies it twice;
+/// - it has both `Content-Length` and `Transfer-Encoding` (a sign of request
+///   smuggling; hyper's server drops the `Content-Length` instead, so no request from
+///   a hyper server has both).
+///
+/// A valid `Transfer-Encoding` (ending in `chunked`, which delimits any length) is
+/// forwarded as it came; hyper's HTTP/1.1 client then sends the body chunked, and its
+/// HTTP/2 client drops the header and sends a `Content-Length`. A `Content-Length`
+/// listing one value several times (`10, 10`) is forwarded as that one value.
+///
+/// # Memory, claims and fairness
+///
+/// Size hints and `Content-Length` are claims: they can get a body refused, never
+/// memory reserved. A body's buffer grows with the bytes received, to at most about
+/// twice them (and a body in one chunk is kept as that chunk); lengths a body reports are only
+/// compared, with saturating arithmetic, never trusted to add up. The body is read
+/// 32 frames at most per poll: then the future wakes itself and returns `Pending`,
+/// so a body that is always ready (with empty frames, say) cannot hold the thread,
+/// and a timeout around the layer fires as it should.
+///
+/// # Answers
+///
+/// The refusals are responses, not errors: the error type passes through, so an
 /// `Infallible` axum stack stays `Infallible`. They are built with the response body's
-/// [`Default`] (axum's, tonic's and `http_body_util`'s body types have one). For a gRPC
-/// request (`content-type: application/grpc...`) they are gRPC answers instead: HTTP
-/// `200` with `grpc-status` `RESOURCE_EXHAUSTED` (8) or `INTERNAL` (13) in the headers,
-/// which a tonic client reports as that status.
+/// [`Default`] (axum's, tonic's and `http_body_util`'s body types have one), and have
+/// no message in the body.
+///
+/// For a gRPC request they are trailers-only gRPC answers: HTTP `200`, the status in
+/// the headers — `grpc-status` `8` (`RESOURCE_EXHAUSTED`) for a body over the cap,
+/// `13` (`INTERNAL`) for a body that failed or contradicted its framing — with a
+/// `grpc-message`. A gRPC client (tonic's among them) reports that status. A request
+/// is gRPC by its `Content-Type`, compared without regard to case (RFC 9110 §8.3.1):
+/// `application/grpc`, then the end, a `+format` suffix or parameters
+/// (`application/grpcfoo` is not gRPC). The answer's content type is the one tonic
+/// and tonic-web use for the request's protocol:
+///
+/// | request `Content-Type` | answer `Content-Type` |
+/// |---|---|
+/// | `application/grpc`, `application/grpc+proto`, ... | `application/grpc` |
+/// | `application/grpc-web`, `application/grpc-web+proto`, ... | `application/grpc-web+proto` |
+/// | `application/grpc-web-text`, `application/grpc-web-text+proto`, ... | `application/grpc-web-text+proto` |
+///
+/// gRPC-Web keeps the trailers-only form, so a gRPC-Web client reads the status from
+/// the headers (a browser client needs them exposed by CORS, as for any answer).
 ///
 /// # Readiness
 ///
 /// `poll_ready` is the inner service's. When a body has to be read first, the service
 /// that was readied moves into the response future and a clone is left in its place,
-/// as tower's `AsyncFilter` does, so the inner service must be `Clone`.
+/// as tower's `AsyncFilter` does, so the inner service must be `Clone`. A request
+/// refused before its body is read leaves the readied service in place for the next.
 #[derive(Clone, Debug)]
 pub struct BufferBody<S> {
     inner: S,
@@ -58,11 +112,14 @@ impl<S> BufferBody<S> {
         }
     }
 
-    /// Sets the largest body that is buffered, in bytes; larger ones are answered
-    /// `413 Payload Too Large`. Default: [`DEFAULT_MAX_BYTES`] (64 KiB).
+    /// Sets the largest body that is buffered, in bytes, trailers included (see
+    /// [`BufferBody`]); larger ones are answered `413 Payload Too Large`. Default:
+    /// [`DEFAULT_MAX_BYTES`] (64 KiB).
     ///
-    /// Every buffered request holds up to this much memory until both branches are
-    /// done with it.
+    /// Every buffered request holds up to this much memory (about twice as much while
+    /// its buffer grows) until both branches are done with it. A body is never given
+    /// more memory than its bytes need, whatever it claims, so raising the cap (even to
+    /// `usize::MAX`) raises what honest large bodies may use, not what a claim gets.
     pub const fn max_bytes(mut self, max_bytes: usize) -> Self {
         self.max_bytes = max_bytes;
         self

@@ -19,9 +19,11 @@ use tower_service::Service;
 pin_project! {
     /// Response future of [`BufferBody`](super::BufferBody).
     ///
-    /// It reads the request body (if there is one to read), then calls the inner
-    /// service with the buffered request and resolves to its answer — or, if the body
-    /// was too large or failed, to a `413` or `400` response without calling it.
+    /// It reads the request body (if there is one to read), at most 32 frames per
+    /// poll, then calls the inner service with the buffered request and resolves to
+    /// its answer — or, if the body was too large, failed, or contradicted its framing
+    /// headers, to a `413` or `400` response (or its gRPC form) without calling it.
+    /// See [`BufferBody`](super::BufferBody).
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<ReplayBody>>,
