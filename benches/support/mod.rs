@@ -376,12 +376,15 @@ pub mod http_stack {
         )
     }
 
-    /// The cache router alone.
+    /// The cache router alone, finalized with `with_state(())` as `axum::serve` does
+    /// (through `into_make_service`): otherwise the router turns its handlers into
+    /// routes again on every request.
     pub fn bare(hits: u64) -> Router {
-        cache(hits)
+        cache(hits).with_state(())
     }
 
-    /// The cache router with the layer on its route, as the `http` module's docs show.
+    /// The cache router with the layer on its route, as the `http` module's docs show,
+    /// finalized as [`bare`] is.
     #[cfg(feature = "http")]
     pub fn layered(hits: u64, launch: tower_backstop::launch::Launch) -> Router {
         use tower_backstop::{
@@ -390,16 +393,19 @@ pub mod http_stack {
         };
         let origin = Router::new()
             .route("/item/{id}", get(|| async { ORIGIN }))
+            .with_state(())
             .map_request(|mut req: Request<ReplayBody>| {
                 req.extensions_mut().clear();
                 req
             });
-        cache(hits).route_layer(
-            FallbackLayer::new(origin)
-                .accept(RejectStatus(StatusCode::NOT_FOUND))
-                .launch(launch)
-                .buffer_bodies(),
-        )
+        cache(hits)
+            .route_layer(
+                FallbackLayer::new(origin)
+                    .accept(RejectStatus(StatusCode::NOT_FOUND))
+                    .launch(launch)
+                    .buffer_bodies(),
+            )
+            .with_state(())
     }
 
     /// Serves keys `start..start + n`, reading every response body; returns the total
