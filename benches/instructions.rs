@@ -78,7 +78,7 @@ impl Rows for One<'_> {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: instructions --list | instructions ROW hit|miss N");
+    eprintln!("usage: instructions --build | --list | ROW hit|miss N");
     ExitCode::SUCCESS
 }
 

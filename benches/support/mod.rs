@@ -165,16 +165,23 @@ pub enum Floor {
     Sequential,
 }
 
-/// Serves keys `start..start + n` through a floor; returns the sum of the answers.
+/// Serves keys `start..start + n` through a floor; returns the sum of the answers. The
+/// choice of floor is made once, outside the loop.
 pub async fn floor_batch(which: Floor, cache: &mut Cache, db: &mut Db, start: u64, n: u64) -> u64 {
     let mut sum = 0_u64;
-    for key in start..start + n {
-        let answer = match which {
-            Floor::Concurrent => floor(cache, db, key).await,
-            Floor::Sequential => floor_sequential(cache, db, key).await,
-        };
-        let Ok(answer) = answer;
-        sum = sum.wrapping_add(answer.unwrap_or(0));
+    match which {
+        Floor::Concurrent => {
+            for key in start..start + n {
+                let Ok(answer) = floor(cache, db, key).await;
+                sum = sum.wrapping_add(answer.unwrap_or(0));
+            }
+        }
+        Floor::Sequential => {
+            for key in start..start + n {
+                let Ok(answer) = floor_sequential(cache, db, key).await;
+                sum = sum.wrapping_add(answer.unwrap_or(0));
+            }
+        }
     }
     sum
 }
