@@ -102,6 +102,7 @@
 //! Rust 1.85.
 
 pub mod accept;
+pub mod cancel;
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
 pub mod budget;
@@ -114,6 +115,7 @@ pub mod http;
 pub mod launch;
 mod layer;
 pub mod outcome;
+pub mod refill;
 mod service;
 
 pub use crate::{layer::FallbackLayer, service::Fallback};
