@@ -41,10 +41,15 @@ if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2
-    # policy-rc.d 101: the packages must not try to start their own daemons.
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    # policy-rc.d 101: the packages must not start daemons of their own (no systemd).
+    own_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        own_policy=1
+    fi
     apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
-    rm -f /usr/sbin/policy-rc.d
+    [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 PG_BIN=$(pg_bin)
 mkdir -p "$DIR"

@@ -102,10 +102,10 @@
 //! Rust 1.85.
 
 pub mod accept;
-pub mod cancel;
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
 pub mod budget;
+pub mod cancel;
 #[doc(hidden)]
 pub mod feature;
 pub mod future;

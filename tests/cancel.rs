@@ -73,7 +73,10 @@ async fn dropped_mid_call_runs_the_action_with_the_handle() {
     let mut fut = Box::pin(db.oneshot(4));
     assert!(futures_util::poll!(fut.as_mut()).is_pending());
     let gate = opened.recv().await.expect("the call started");
-    assert!(cancelled.seen().is_empty(), "nothing cancelled while in flight");
+    assert!(
+        cancelled.seen().is_empty(),
+        "nothing cancelled while in flight"
+    );
     drop(fut);
     assert_eq!(cancelled.seen(), [40]);
     assert!(gate.is_closed(), "the call's future is gone");
@@ -130,7 +133,9 @@ fn cache() -> impl Service<u64, Response = Option<u64>, Error = Infallible, Futu
     service_fn(|key: u64| ready(Ok::<_, Infallible>((key % 2 == 0).then_some(key))))
 }
 
-fn db_rows<S>(db: S) -> impl Service<u64, Response = Option<u64>, Error = Infallible, Future: Send> + Clone
+fn db_rows<S>(
+    db: S,
+) -> impl Service<u64, Response = Option<u64>, Error = Infallible, Future: Send> + Clone
 where
     S: Service<u64, Response = u64, Error = Infallible, Future: Send> + Clone,
 {
@@ -149,9 +154,10 @@ async fn under_fallback_a_hit_cancels_the_database_call_in_flight() {
         r
     });
     let svc = ServiceBuilder::new()
-        .layer(FallbackLayer::new(db).accept(|r: &Result<Option<u64>, Infallible>| {
-            matches!(r, Ok(Some(_)))
-        }))
+        .layer(
+            FallbackLayer::new(db)
+                .accept(|r: &Result<Option<u64>, Infallible>| matches!(r, Ok(Some(_)))),
+        )
         .service(cache);
 
     assert_eq!(svc.oneshot(6).await, Ok(Some(6)));
@@ -166,9 +172,10 @@ async fn under_fallback_a_miss_cancels_nothing() {
     let (gates, mut opened) = tokio::sync::mpsc::unbounded_channel();
     let db = db_rows(OnCancelLayer::new(cancelled.action()).layer(gated_db(gates)));
     let svc = ServiceBuilder::new()
-        .layer(FallbackLayer::new(db).accept(|r: &Result<Option<u64>, Infallible>| {
-            matches!(r, Ok(Some(_)))
-        }))
+        .layer(
+            FallbackLayer::new(db)
+                .accept(|r: &Result<Option<u64>, Infallible>| matches!(r, Ok(Some(_)))),
+        )
         .service(cache());
 
     let fut = tokio::spawn(svc.oneshot(7));
