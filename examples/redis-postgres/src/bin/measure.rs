@@ -83,7 +83,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio_postgres::connect(&servers.database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
 
-    // Fill Redis with the cached keys' rows, from PostgreSQL.
+    // Fill Redis with the cached keys' rows, from PostgreSQL. These calls are never
+    // dropped, so their cancel address is never used.
     let warm = database(seed_pool, "127.0.0.1:1".into(), LOOKUP, Default::default());
     for i in 0..KEYS {
         let _: () = redis::cmd("DEL")
