@@ -105,6 +105,7 @@ pub mod accept;
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
 pub mod budget;
+pub mod cancel;
 #[doc(hidden)]
 pub mod feature;
 pub mod future;
@@ -114,6 +115,7 @@ pub mod http;
 pub mod launch;
 mod layer;
 pub mod outcome;
+pub mod refill;
 mod service;
 
 pub use crate::{layer::FallbackLayer, service::Fallback};
