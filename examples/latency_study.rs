@@ -634,8 +634,15 @@ fn plot(
             .x_label_formatter(&|x| format!("{x}"))
             .draw()?;
         let (policies, oracle) = rows.split_at(rows.len() - 1);
-        for (r, &color) in policies.iter().zip(&colors) {
-            let width = if r.name == "Concurrent" { 5 } else { 2 };
+        // Delayed and the two Adaptive runs often coincide: drawn wide to thin, each
+        // stays visible as a stripe along the others; Concurrent goes over them, the
+        // oracle over it.
+        let order = [(0, 2), (2, 6), (3, 3), (4, 1), (1, 5)];
+        for (r, color, width) in order
+            .into_iter()
+            .filter(|&(i, _)| i < policies.len())
+            .map(|(i, width)| (&policies[i], colors[i], width))
+        {
             chart
                 .draw_series(LineSeries::new(
                     cdf_points(&r.sorted),

@@ -183,10 +183,14 @@ fn readme_commands_pass_the_features_they_need() {
 
 #[test]
 fn demo_is_a_package_of_its_own() {
-    let demo = Path::new(ROOT).join("examples/demo");
-    if !demo.exists() {
+    if Path::new(ROOT).join("Cargo.toml.orig").exists() {
         return; // Inside the published package, which does not carry the demo.
     }
+    let demo = Path::new(ROOT).join("examples/demo");
+    assert!(
+        !Path::new(ROOT).join("examples/demo.rs").exists(),
+        "examples/demo.rs builds every dev-dependency of the crate: the demo is examples/demo/"
+    );
     let manifest = read("examples/demo/Cargo.toml");
     assert!(
         sections(&manifest).iter().any(|(h, _)| h == "[workspace]"),
