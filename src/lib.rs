@@ -121,7 +121,7 @@ mod service;
 pub use crate::{layer::FallbackLayer, service::Fallback};
 
 /// The README's snippets, compiled (and run, unless marked `no_run`) as doc-tests. They
-/// use the `http`, `budget` and `time` features, so they are tested when those are on.
-#[cfg(all(doctest, feature = "http", feature = "budget", feature = "time"))]
+/// use the `axum`, `budget` and `time` features, so they are tested when those are on.
+#[cfg(all(doctest, feature = "axum", feature = "budget", feature = "time"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
