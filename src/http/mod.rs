@@ -154,8 +154,11 @@
 //! # tonic
 //!
 //! A gRPC client puts the layer on its channel. `tonic`'s `Channel` takes
-//! `Request<tonic::body::Body>`, so each branch converts the replayed body back, and
-//! [`GrpcStatus`](accept::GrpcStatus) judges the primary's answer:
+//! `Request<tonic::body::Body>`, so each branch converts the replayed body back,
+//! [`GrpcStatus`](accept::GrpcStatus) judges the primary's answer, and
+//! [`peek_grpc_status`](crate::FallbackLayer::peek_grpc_status) lets it judge answers
+//! whose status comes in the trailers with no message before it (akka-grpc's and
+//! grpcio's errors), by reading the primary's first body frame (see [`grpc`]):
 //!
 //! ```no_run
 //! use tonic::{body::Body, transport::Channel};
@@ -175,7 +178,8 @@
 //!     .layer(BufferBodyLayer::new())
 //!     .layer(
 //!         FallbackLayer::new(fallback.map_request(to_tonic))
-//!             .accept(GrpcStatus::rejecting(&[GrpcCode::NotFound, GrpcCode::Unavailable])),
+//!             .accept(GrpcStatus::rejecting(&[GrpcCode::NotFound, GrpcCode::Unavailable]))
+//!             .peek_grpc_status(),
 //!     )
 //!     .map_request(to_tonic)
 //!     .service(primary);
@@ -191,8 +195,8 @@
 //! around the layer (for example with a separate channel for them).
 //!
 //! A gRPC request over the cap is answered `RESOURCE_EXHAUSTED`, one whose body fails
-//! `INTERNAL`, both as trailers-only gRPC responses. The limit of judging gRPC answers
-//! by their head is described in [`accept`](accept#grpc).
+//! `INTERNAL`, both as trailers-only gRPC responses. Which gRPC answers can be judged
+//! is described in [`accept`](accept#grpc).
 //!
 //! # Stacking with timeouts and retries
 //!
@@ -216,6 +220,7 @@ pub mod accept;
 mod body;
 mod buffer;
 pub mod future;
+pub mod grpc;
 mod mark;
 
 pub use self::{

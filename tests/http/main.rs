@@ -12,6 +12,8 @@ mod axum_stack;
 mod bad_input;
 mod buffer;
 mod cancel;
+mod grpc_peek;
+mod grpc_trailers;
 mod hyper_client;
 mod mark;
 mod stacking;
