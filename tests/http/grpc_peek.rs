@@ -231,11 +231,10 @@ async fn a_body_that_never_yields_is_handed_on_after_max_wait_and_not_lost() {
 async fn max_wait_is_configurable() {
     let (response, _feed) = fed(&[]);
     let start = Instant::now();
-    peek(
-        PeekGrpcStatusLayer::new().max_wait(Duration::from_millis(30)),
-        response,
-    )
-    .await;
+    let layer = PeekGrpcStatusLayer::new().max_wait(Duration::from_millis(30));
+    tokio::time::timeout(Duration::from_secs(60), peek(layer, response))
+        .await
+        .expect("handed on within the bound");
     assert_eq!(start.elapsed(), Duration::from_millis(30));
 }
 
