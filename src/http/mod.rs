@@ -24,7 +24,8 @@
 //! The [`accept`] module has predicates that judge the primary's answer by its HTTP
 //! status ([`RejectServerErrors`](accept::RejectServerErrors),
 //! [`RejectStatus`](accept::RejectStatus), [`StatusIn`](accept::StatusIn)) or by its
-//! gRPC status ([`GrpcStatus`](accept::GrpcStatus)).
+//! gRPC status ([`GrpcStatus`](accept::GrpcStatus)); the [`grpc`] module reads gRPC
+//! statuses, in the trailers too.
 //!
 //! # axum
 //!
