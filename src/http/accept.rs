@@ -40,19 +40,34 @@
 //!
 //! # gRPC
 //!
-//! [`GrpcStatus`] judges a gRPC answer by the `grpc-status` it carries in its
-//! **headers**: that is where a server puts it when it answers *trailers-only*, which
-//! is how tonic (and gRPC servers in general) send an error with no message — a
-//! handler's `Err(Status::not_found(..))`, `UNAVAILABLE` from a load shedder, and so on.
+//! [`GrpcStatus`] judges a gRPC answer by its status, read by
+//! [`GrpcCode::of_response`]. Where the status is decides what it can see:
 //!
-//! A status sent in the **trailers**, after a body, cannot be judged: the predicate
-//! sees the response as soon as its headers arrive, before the body has been read, and
-//! a response whose headers carry no `grpc-status` is accepted. In practice that is a
-//! server that answered with at least one message, so only a streaming call that
-//! fails after its first message escapes the predicate. A server that must be judged
-//! on such calls has to be wrapped to read its answer to the end first.
+//! - **In the headers** (a *trailers-only* answer): judged as the headers arrive. This
+//!   is how tonic and grpc-go send every error — a handler's
+//!   `Err(Status::not_found(..))`, `UNAVAILABLE` from a load shedder, and so on.
+//! - **In the trailers, with no message before them**: HTTP `200` headers without
+//!   `grpc-status`, then trailers with it. akka-grpc and Python's grpcio send errors of
+//!   unary calls this way. On its own, the predicate sees only the headers and
+//!   **accepts such an answer**, whatever its status: a `NOT_FOUND` from these servers
+//!   is served instead of the fallback's answer. Add
+//!   [`peek_grpc_status`](crate::FallbackLayer::peek_grpc_status) to the layer: it
+//!   reads the primary's first body frame before the predicate is asked, so these
+//!   answers are judged like trailers-only ones, and replays the frame to the caller
+//!   when the answer stands (see [`PeekGrpcStatus`](super::grpc::PeekGrpcStatus)).
+//! - **In the trailers, after a message**: the answer is accepted as its headers (with
+//!   `peek_grpc_status`, its first message) arrive; a status that comes after a
+//!   message cannot be judged — serving the fallback then would mean holding back
+//!   every message of the call. A streaming call
+//!   that fails after its first message, or a server that sends a message and then an
+//!   error status, escapes the predicate.
+//!
+//! Every `grpc-status` is parsed as tonic parses it ([`GrpcCode::from_bytes`]): `0` to
+//! `16` as written, anything else (`05`, `+5`, `17`) is `UNKNOWN`.
 //!
 //! Available with the `http` feature.
+
+pub use super::grpc::GrpcCode;
 
 use crate::accept::Accept;
 use http::{Response, StatusCode};
@@ -134,95 +149,14 @@ impl<B, E> Accept<Response<B>, E> for RejectStatus {
     }
 }
 
-/// A gRPC status code.
-///
-/// The numbering is gRPC's (and `tonic::Code`'s): `GrpcCode::NotFound as i32 == 5`.
-///
-/// Available with the `http` feature.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(i32)]
-#[allow(missing_docs)]
-pub enum GrpcCode {
-    Ok = 0,
-    Cancelled = 1,
-    Unknown = 2,
-    InvalidArgument = 3,
-    DeadlineExceeded = 4,
-    NotFound = 5,
-    AlreadyExists = 6,
-    PermissionDenied = 7,
-    ResourceExhausted = 8,
-    FailedPrecondition = 9,
-    Aborted = 10,
-    OutOfRange = 11,
-    Unimplemented = 12,
-    Internal = 13,
-    Unavailable = 14,
-    DataLoss = 15,
-    Unauthenticated = 16,
-}
-
-impl GrpcCode {
-    const ALL: [GrpcCode; 17] = [
-        GrpcCode::Ok,
-        GrpcCode::Cancelled,
-        GrpcCode::Unknown,
-        GrpcCode::InvalidArgument,
-        GrpcCode::DeadlineExceeded,
-        GrpcCode::NotFound,
-        GrpcCode::AlreadyExists,
-        GrpcCode::PermissionDenied,
-        GrpcCode::ResourceExhausted,
-        GrpcCode::FailedPrecondition,
-        GrpcCode::Aborted,
-        GrpcCode::OutOfRange,
-        GrpcCode::Unimplemented,
-        GrpcCode::Internal,
-        GrpcCode::Unavailable,
-        GrpcCode::DataLoss,
-        GrpcCode::Unauthenticated,
-    ];
-
-    /// The status a gRPC client reads from this response's head, if it can be read
-    /// there.
-    ///
-    /// - `grpc-status` in the headers (a trailers-only answer): that code; a value that
-    ///   is not a known code is `Unknown`, as gRPC clients read it.
-    /// - No `grpc-status` and HTTP `200`: `None`, the status will come in the trailers.
-    /// - No `grpc-status` and another HTTP status (a proxy's answer): the code the gRPC
-    ///   specification maps it to — `UNAVAILABLE` for 429, 502, 503 and 504,
-    ///   `UNIMPLEMENTED` for 404, and so on.
-    pub fn of_response<B>(response: &Response<B>) -> Option<GrpcCode> {
-        if let Some(value) = response.headers().get("grpc-status") {
-            let code = std::str::from_utf8(value.as_bytes())
-                .ok()
-                .and_then(|text| text.parse::<usize>().ok())
-                .and_then(|n| GrpcCode::ALL.get(n).copied());
-            return Some(code.unwrap_or(GrpcCode::Unknown));
-        }
-        let code = match response.status().as_u16() {
-            200 => return None,
-            400 => GrpcCode::Internal,
-            401 => GrpcCode::Unauthenticated,
-            403 => GrpcCode::PermissionDenied,
-            404 => GrpcCode::Unimplemented,
-            429 | 502 | 503 | 504 => GrpcCode::Unavailable,
-            _ => GrpcCode::Unknown,
-        };
-        Some(code)
-    }
-
-    const fn bit(self) -> u32 {
-        1 << self as u32
-    }
-}
-
 /// Accepts a gRPC response unless the status in its headers is one of a set of codes;
 /// rejects every `Err`.
 ///
 /// By default every code but `OK` is rejected. The status is read by
-/// [`GrpcCode::of_response`]; a response whose status will only come in its trailers
-/// is accepted, see [the module docs](self#grpc).
+/// [`GrpcCode::of_response`]; a response whose status is not known before its first
+/// message — an HTTP `200` without `grpc-status`, unless
+/// [`PeekGrpcStatus`](super::grpc::PeekGrpcStatus) found it in the trailers — is
+/// accepted, see [the module docs](self#grpc).
 ///
 /// ```
 /// use tower_backstop::http::accept::{GrpcCode, GrpcStatus};

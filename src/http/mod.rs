@@ -27,7 +27,8 @@
 //! The [`accept`] module has predicates that judge the primary's answer by its HTTP
 //! status ([`RejectServerErrors`](accept::RejectServerErrors),
 //! [`RejectStatus`](accept::RejectStatus), [`StatusIn`](accept::StatusIn)) or by its
-//! gRPC status ([`GrpcStatus`](accept::GrpcStatus)).
+//! gRPC status ([`GrpcStatus`](accept::GrpcStatus)); the [`grpc`] module reads gRPC
+//! statuses, in the trailers too.
 //!
 //! # axum
 //!
@@ -182,8 +183,11 @@
 //! # tonic
 //!
 //! A gRPC client puts the layer on its channel. `tonic`'s `Channel` takes
-//! `Request<tonic::body::Body>`, so each branch converts the replayed body back, and
-//! [`GrpcStatus`](accept::GrpcStatus) judges the primary's answer:
+//! `Request<tonic::body::Body>`, so each branch converts the replayed body back,
+//! [`GrpcStatus`](accept::GrpcStatus) judges the primary's answer, and
+//! [`peek_grpc_status`](crate::FallbackLayer::peek_grpc_status) lets it judge answers
+//! whose status comes in the trailers with no message before it (akka-grpc's and
+//! grpcio's errors), by reading the primary's first body frame (see [`grpc`]):
 //!
 //! ```no_run
 //! use tonic::{body::Body, transport::Channel};
@@ -203,7 +207,8 @@
 //!     .layer(BufferBodyLayer::new())
 //!     .layer(
 //!         FallbackLayer::new(fallback.map_request(to_tonic))
-//!             .accept(GrpcStatus::rejecting(&[GrpcCode::NotFound, GrpcCode::Unavailable])),
+//!             .accept(GrpcStatus::rejecting(&[GrpcCode::NotFound, GrpcCode::Unavailable]))
+//!             .peek_grpc_status(),
 //!     )
 //!     .map_request(to_tonic)
 //!     .service(primary);
@@ -221,8 +226,8 @@
 //! A gRPC request over the cap is answered `RESOURCE_EXHAUSTED`, one whose body fails
 //! (or contradicts its framing) `INTERNAL`, both as trailers-only gRPC responses; a
 //! gRPC-Web request gets the same statuses under a gRPC-Web content type. The
-//! `content-type` is matched without regard to case (RFC 9110 §8.3.1). The limit of judging gRPC answers
-//! by their head is described in [`accept`](accept#grpc).
+//! `content-type` is matched without regard to case (RFC 9110 §8.3.1). Which gRPC
+//! answers can be judged is described in [`accept`](accept#grpc).
 //!
 //! # Stacking with timeouts and retries
 //!
@@ -247,6 +252,7 @@ mod body;
 mod buffer;
 mod eligible;
 pub mod future;
+pub mod grpc;
 mod mark;
 #[cfg(feature = "axum")]
 mod reroute;
@@ -262,6 +268,7 @@ pub use self::{
 };
 
 use crate::{Fallback, FallbackLayer};
+use tower_layer::Stack;
 
 impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     /// Buffers request bodies in front of the fallback, up to 64 KiB, so that
@@ -331,18 +338,18 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     pub fn mark_served_by(
         self,
         header: Option<http::HeaderName>,
-    ) -> FallbackLayer<MarkServedBy<F>, A, S, O, MarkServedByLayer> {
+    ) -> FallbackLayer<MarkServedBy<F>, A, S, O, Stack<MarkServedByLayer, I>> {
         let mut primary = MarkServedByLayer::primary();
         if let Some(name) = &header {
             primary = primary.header(name.clone());
         }
-        self.with_parts(|fallback, a, s, o, _| {
+        self.with_parts(|fallback, a, s, o, i| {
             let marked = MarkServedBy::new(fallback, ServedBy::Fallback);
             let marked = match header {
                 Some(name) => marked.header(name),
                 None => marked,
             };
-            (marked, a, s, o, primary)
+            (marked, a, s, o, Stack::new(primary, i))
         })
     }
 }

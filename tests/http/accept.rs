@@ -4,7 +4,10 @@ use http::{Response, StatusCode};
 use std::convert::Infallible;
 use tower_backstop::{
     accept::{Accept, AcceptOk, And, Not},
-    http::accept::{GrpcCode, GrpcStatus, RejectServerErrors, RejectStatus, StatusIn},
+    http::{
+        accept::{GrpcCode, GrpcStatus, RejectServerErrors, RejectStatus, StatusIn},
+        grpc::PeekedStatus,
+    },
 };
 
 type Answer = Result<Response<()>, &'static str>;
@@ -87,6 +90,78 @@ fn grpc_code_is_read_from_the_head() {
     assert_eq!(of(status(401)), Some(GrpcCode::Unauthenticated));
     assert_eq!(of(status(500)), Some(GrpcCode::Unknown));
     assert_eq!(GrpcCode::NotFound as i32, 5);
+}
+
+#[test]
+fn grpc_status_is_parsed_as_tonic_parses_it() {
+    for (n, code) in (0..=16).zip([
+        tonic::Code::Ok,
+        tonic::Code::Cancelled,
+        tonic::Code::Unknown,
+        tonic::Code::InvalidArgument,
+        tonic::Code::DeadlineExceeded,
+        tonic::Code::NotFound,
+        tonic::Code::AlreadyExists,
+        tonic::Code::PermissionDenied,
+        tonic::Code::ResourceExhausted,
+        tonic::Code::FailedPrecondition,
+        tonic::Code::Aborted,
+        tonic::Code::OutOfRange,
+        tonic::Code::Unimplemented,
+        tonic::Code::Internal,
+        tonic::Code::Unavailable,
+        tonic::Code::DataLoss,
+        tonic::Code::Unauthenticated,
+    ]) {
+        let text = n.to_string();
+        let ours = GrpcCode::from_bytes(text.as_bytes());
+        assert_eq!(ours as i32, n, "{text}");
+        assert_eq!(ours as i32, code as i32, "{text}");
+    }
+    // Anything but a code as written is UNKNOWN, for tonic and for us alike.
+    for value in [
+        "05", "+5", " 5", "5 ", "-0", "00", "010", "17", "99", "1.0", "0x5", "", "five", "\u{663}",
+    ] {
+        let theirs = tonic::Code::from_bytes(value.as_bytes());
+        assert_eq!(theirs, tonic::Code::Unknown, "{value:?}");
+        assert_eq!(
+            GrpcCode::from_bytes(value.as_bytes()),
+            GrpcCode::Unknown,
+            "{value:?}"
+        );
+    }
+}
+
+#[test]
+fn a_padded_or_signed_grpc_status_in_the_head_is_unknown() {
+    let of = |answer: Answer| GrpcCode::of_response(&answer.unwrap());
+    assert_eq!(of(grpc("05")), Some(GrpcCode::Unknown));
+    assert_eq!(of(grpc("+5")), Some(GrpcCode::Unknown));
+    assert_eq!(of(grpc("014")), Some(GrpcCode::Unknown));
+    // So a predicate that rejects only NOT_FOUND accepts them, as a tonic client
+    // reports UNKNOWN for them.
+    let miss = GrpcStatus::rejecting(&[GrpcCode::NotFound]);
+    assert!(miss.accept(&grpc("05")));
+    assert!(miss.accept(&grpc("+5")));
+    assert!(!miss.accept(&grpc("5")));
+}
+
+#[test]
+fn a_peeked_status_is_read_when_the_head_has_none() {
+    let peeked = |code| -> Answer {
+        let mut response = Response::new(());
+        response.extensions_mut().insert(PeekedStatus(code));
+        Ok(response)
+    };
+    let of = |answer: Answer| GrpcCode::of_response(&answer.unwrap());
+    assert_eq!(of(peeked(GrpcCode::NotFound)), Some(GrpcCode::NotFound));
+    assert!(!GrpcStatus::new().accept(&peeked(GrpcCode::NotFound)));
+    assert!(GrpcStatus::new().accept(&peeked(GrpcCode::Ok)));
+    // The headers' status comes first, as for a gRPC client.
+    let mut both = grpc("0").unwrap();
+    both.extensions_mut()
+        .insert(PeekedStatus(GrpcCode::NotFound));
+    assert_eq!(GrpcCode::of_response(&both), Some(GrpcCode::Ok));
 }
 
 #[test]

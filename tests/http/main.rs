@@ -13,6 +13,8 @@ mod bad_input;
 mod buffer;
 mod cancel;
 mod framing;
+mod grpc_peek;
+mod grpc_trailers;
 mod hostile_body;
 mod hyper_client;
 mod mark;

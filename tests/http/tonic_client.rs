@@ -18,6 +18,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_backstop::{
     http::{
         accept::{GrpcCode, GrpcStatus},
+        grpc::PeekBody,
         BufferBodyLayer, ReplayBody,
     },
     FallbackLayer,
@@ -257,6 +258,63 @@ async fn an_unreachable_primary_is_served_by_the_fallback() {
 
     let response = client.check(ask("missing-1")).await.unwrap();
     assert_eq!(served_by(&response), "fallback");
+
+    servers.stop().await;
+}
+
+/// [`client_with`]'s stack with `peek_grpc_status`: the body type is `PeekBody`.
+async fn peeking_client(
+    primary: Channel,
+    fallback: Channel,
+    accept: GrpcStatus,
+) -> HealthClient<
+    impl tonic::client::GrpcService<
+            tonic::body::Body,
+            Error = tonic::transport::Error,
+            ResponseBody = PeekBody<tonic::body::Body>,
+            Future = impl Send,
+        > + Clone
+        + Send,
+> {
+    let to_tonic = |req: http::Request<ReplayBody>| req.map(tonic::body::Body::new);
+    let channel = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new())
+        .layer(
+            FallbackLayer::new(fallback.map_request(to_tonic))
+                .accept(accept)
+                .peek_grpc_status(),
+        )
+        .map_request(to_tonic)
+        .service(primary);
+    // The bounds `tonic::client::Grpc` puts on a transport, which generated clients use.
+    let _ = tonic::client::Grpc::new(channel.clone());
+    HealthClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_peek_grpc_status_a_status_in_the_headers_is_judged_as_before() {
+    let servers = Servers::start().await;
+    let primary = channel(servers.primary.addr).await;
+    let fallback = channel(servers.fallback.addr).await;
+    let mut client = peeking_client(primary, fallback, MISS).await;
+
+    // tonic answers errors trailers-only: judged by the head, no frame read.
+    let response = client.check(ask("missing-1")).await.unwrap();
+    assert_eq!(served_by(&response), "fallback");
+    let status = client.check(ask("invalid-1")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.message(), "bad name");
+    // A success comes as a message: it stands, and the fallback's call is cancelled.
+    let response = client.check(ask("hit-1")).await.unwrap();
+    assert_eq!(served_by(&response), "primary");
+    assert_eq!(response.get_ref().status, ServingStatus::Serving as i32);
+    let cancelled = Event::Cancelled("hit-1".to_owned());
+    assert!(
+        servers
+            .fallback_calls
+            .wait_until(|e| e.contains(&cancelled))
+            .await
+    );
 
     servers.stop().await;
 }
