@@ -24,13 +24,15 @@
 //! that refuses some of exactly the slow requests speculation is for (the latency
 //! study in the repository measured p90 with a 10% budget: almost no refusals).
 
-use crate::outcome::{Observers, Tracker};
-use std::fmt;
+use crate::outcome::Observers;
 #[cfg(feature = "time")]
 use std::time::Duration;
+use std::{fmt, sync::Arc};
 
 #[cfg(feature = "adaptive")]
 pub use self::adaptive::Adaptive;
+/// Re-exported from [`outcome`](crate::outcome), where the reports that carry it live.
+pub use crate::outcome::Launched;
 
 /// When the fallback call starts, relative to the primary's.
 ///
@@ -67,37 +69,6 @@ pub enum Launch {
     #[cfg(feature = "adaptive")]
     #[cfg_attr(docsrs, doc(cfg(feature = "adaptive")))]
     Adaptive(Adaptive),
-}
-
-/// Why a request's fallback started when it did, as reported in an
-/// [`Outcome`](crate::outcome::Outcome).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Launched {
-    /// Speculatively, with the primary ([`Launch::Concurrent`]).
-    Concurrent,
-    /// Speculatively, once the primary had been pending for the configured delay.
-    Delayed,
-    /// Speculatively, once the primary had been pending for the adaptive delay.
-    Adaptive,
-    /// After the primary was rejected: the policy is [`Launch::Sequential`], or the
-    /// primary was rejected before the speculative launch (on its first poll, or before
-    /// a delay ran out).
-    AfterRejection,
-    /// After the primary was rejected, because the budget refused a speculative launch.
-    BudgetRefused,
-    /// After the primary was rejected, because the request was not [`Eligible`].
-    NotEligible,
-}
-
-impl Launched {
-    /// Whether the launch came before the primary was rejected, and so was extra load.
-    pub fn is_speculative(self) -> bool {
-        matches!(
-            self,
-            Launched::Concurrent | Launched::Delayed | Launched::Adaptive
-        )
-    }
 }
 
 /// Decides whether a request may start its fallback speculatively.
@@ -144,7 +115,7 @@ impl<Req> Eligible<Req> for AnyRequest {
 }
 
 #[cfg(feature = "budget")]
-pub(crate) type SharedBudget = std::sync::Arc<dyn tower::retry::budget::Budget + Send + Sync>;
+pub(crate) type SharedBudget = Arc<dyn tower::retry::budget::Budget + Send + Sync>;
 
 /// Launch settings shared by a layer and every service it builds.
 #[derive(Clone, Default)]
@@ -154,7 +125,9 @@ pub(crate) struct Settings {
     pub(crate) budget: Option<SharedBudget>,
     #[cfg(feature = "time")]
     pub(crate) patience: Option<Duration>,
-    pub(crate) observers: Observers,
+    /// `None` until an observer is set: one pointer for a request to check, and to
+    /// clone if observed.
+    pub(crate) observers: Option<Arc<Observers>>,
 }
 
 impl fmt::Debug for Settings {
@@ -171,14 +144,20 @@ impl fmt::Debug for Settings {
 }
 
 impl Settings {
-    /// Plans one request: called once per request, in `call`.
+    /// The observers, to add one to.
+    pub(crate) fn observers_mut(&mut self) -> &mut Observers {
+        Arc::make_mut(self.observers.get_or_insert_with(Default::default))
+    }
+
+    /// Plans one request: called once per request, in `call`, after all the user code
+    /// `call` runs. Deposits into the budget.
     #[inline]
-    pub(crate) fn plan(&self, eligible: bool) -> Speculation {
+    pub(crate) fn plan(&self, eligible: bool) -> Plan {
         #[cfg(feature = "budget")]
         if let Some(budget) = &self.budget {
             budget.deposit();
         }
-        let plan = match &self.launch {
+        match &self.launch {
             Launch::Concurrent if !eligible => Plan::OnReject(Launched::NotEligible),
             Launch::Concurrent => Plan::Now,
             // Sequential never speculates: eligibility makes no difference to it.
@@ -186,103 +165,69 @@ impl Settings {
             #[cfg(feature = "time")]
             _ if !eligible => Plan::OnReject(Launched::NotEligible),
             #[cfg(feature = "time")]
-            Launch::Delayed(delay) => Plan::After(*delay, Launched::Delayed),
+            Launch::Delayed(_) => Plan::Wait(Launched::Delayed),
             #[cfg(feature = "adaptive")]
-            Launch::Adaptive(adaptive) => Plan::After(adaptive.delay(), Launched::Adaptive),
-        };
-        Speculation {
-            plan,
-            launched: false,
-            tracker: Tracker::new(&self.observers),
-            #[cfg(feature = "time")]
-            patience: self.patience,
-            #[cfg(any(feature = "budget", feature = "adaptive"))]
-            extras: self.extras(plan),
+            Launch::Adaptive(_) => Plan::Wait(Launched::Adaptive),
         }
     }
 
-    /// The per-request state only a budget or an adaptive launch needs, kept in one
-    /// `Option` so that a request with neither carries and drops a single `None`.
-    #[cfg(any(feature = "budget", feature = "adaptive"))]
+    /// Whether a request with this plan needs anything beyond the plan itself: a timer,
+    /// a budget to withdraw from, an adaptive sample, patience, an observer. A request
+    /// that needs none of them has no cold part.
     #[inline]
-    fn extras(&self, plan: Plan) -> Option<Extras> {
-        // Only a request that may speculate needs the budget later.
+    pub(crate) fn needs_cold(&self, plan: Plan) -> bool {
+        if self.observers.is_some() || crate::outcome::tracing_may_listen() {
+            return true;
+        }
+        #[cfg(feature = "time")]
+        if self.patience.is_some() || matches!(plan, Plan::Wait(_)) {
+            return true;
+        }
+        #[cfg(feature = "adaptive")]
+        if matches!(self.launch, Launch::Adaptive(_)) {
+            return true;
+        }
         #[cfg(feature = "budget")]
-        let budget = match plan {
-            Plan::OnReject(_) => None,
-            _ => self.budget.clone(),
-        };
-        #[cfg(not(feature = "budget"))]
+        if self.budget.is_some() && plan.may_speculate() {
+            return true;
+        }
         let _ = plan;
-        // Every primary call under an adaptive launch is timed, eligible or not: the
-        // estimate is of the primary's latency, whatever happens to the fallback.
-        #[cfg(feature = "adaptive")]
-        let estimate = match &self.launch {
-            Launch::Adaptive(adaptive) => Some(adaptive::Sampler::start(adaptive)),
-            _ => None,
-        };
-        let extras = Extras {
-            #[cfg(feature = "budget")]
-            budget,
-            #[cfg(feature = "adaptive")]
-            estimate,
-        };
-        extras.is_needed().then_some(extras)
-    }
-}
-
-/// See [`Settings::extras`].
-#[cfg(any(feature = "budget", feature = "adaptive"))]
-struct Extras {
-    #[cfg(feature = "budget")]
-    budget: Option<SharedBudget>,
-    #[cfg(feature = "adaptive")]
-    estimate: Option<adaptive::Sampler>,
-}
-
-#[cfg(any(feature = "budget", feature = "adaptive"))]
-impl Extras {
-    #[inline]
-    fn is_needed(&self) -> bool {
-        #[cfg(feature = "budget")]
-        if self.budget.is_some() {
-            return true;
-        }
-        #[cfg(feature = "adaptive")]
-        if self.estimate.is_some() {
-            return true;
-        }
         false
     }
 }
 
-/// When one request's fallback may start speculatively.
+/// When one request's fallback may start speculatively: part of the hot future, so
+/// two bytes; the delay a `Wait` waits for is in the cold part.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Plan {
     /// On the first poll that finds the primary pending.
     Now,
-    /// Once the primary has been pending for this long, counted from the first poll
-    /// that finds it pending (for this reason).
-    #[cfg(feature = "time")]
-    After(Duration, Launched),
-    /// Once the primary has been pending until this instant (for this reason).
-    #[cfg(feature = "time")]
-    At(tokio::time::Instant, Launched),
+    /// Once the primary has been pending for the launch delay (for this reason),
+    /// counted from the first poll that finds it pending.
+    #[cfg_attr(not(feature = "time"), allow(dead_code))]
+    Wait(Launched),
     /// Never speculatively: only after the primary is rejected (for this reason).
     OnReject(Launched),
 }
 
 impl Plan {
-    /// Speculate once `delay` has passed since `start`. A delay too long to be
-    /// represented (`Duration::MAX`, say) never passes: the fallback then starts only
-    /// after a rejection, as with `Launch::Sequential`.
+    /// Speculate once `delay` has passed since `start`: the deadline, or `None` for a
+    /// delay too long to be represented (`Duration::MAX`, say), which never passes —
+    /// the fallback then starts only after a rejection, as with `Launch::Sequential`.
     #[cfg(feature = "time")]
     #[inline]
-    pub(crate) fn after(start: tokio::time::Instant, delay: Duration, why: Launched) -> Plan {
-        match start.checked_add(delay) {
-            Some(deadline) => Plan::At(deadline, why),
-            None => Plan::OnReject(Launched::AfterRejection),
-        }
+    pub(crate) fn deadline(
+        start: tokio::time::Instant,
+        delay: Duration,
+    ) -> Option<tokio::time::Instant> {
+        start.checked_add(delay)
+    }
+
+    /// Whether the fallback may start before the primary is rejected.
+    #[cfg(feature = "budget")]
+    #[inline]
+    pub(crate) fn may_speculate(self) -> bool {
+        !matches!(self, Plan::OnReject(_))
     }
 
     /// The reason a launch made now would be reported with.
@@ -293,77 +238,8 @@ impl Plan {
             // A speculative plan overtaken by the primary's rejection.
             _ if !primary_pending => Launched::AfterRejection,
             Plan::Now => Launched::Concurrent,
-            #[cfg(feature = "time")]
-            Plan::After(_, why) | Plan::At(_, why) => why,
+            Plan::Wait(why) => why,
         }
-    }
-}
-
-/// One request's launch state, carried in its response future.
-pub(crate) struct Speculation {
-    pub(crate) plan: Plan,
-    /// Whether the fallback has been launched (it may still be waiting for readiness).
-    pub(crate) launched: bool,
-    /// What the outcome observers will be told.
-    pub(crate) tracker: Tracker,
-    #[cfg(feature = "time")]
-    pub(crate) patience: Option<Duration>,
-    #[cfg(any(feature = "budget", feature = "adaptive"))]
-    extras: Option<Extras>,
-}
-
-impl Speculation {
-    /// Asks the budget for one speculative launch. On refusal the request is degraded to
-    /// sequential, so it is asked at most once.
-    #[inline]
-    pub(crate) fn withdraw(&mut self) -> bool {
-        #[cfg(feature = "budget")]
-        if let Some(budget) = self.extras.as_mut().and_then(|e| e.budget.take()) {
-            if !budget.withdraw() {
-                self.plan = Plan::OnReject(Launched::BudgetRefused);
-                self.tracker.budget_refused();
-                return false;
-            }
-        }
-        true
-    }
-
-    /// The primary answered: its latency is a full sample.
-    #[inline]
-    pub(crate) fn primary_answered(&mut self) {
-        #[cfg(feature = "adaptive")]
-        if let Some(estimate) = self.extras.as_mut().and_then(|e| e.estimate.take()) {
-            estimate.record();
-        }
-    }
-
-    /// The primary was dropped unanswered: its latency so far is only a lower bound.
-    /// Leaving such calls out would bias the estimate towards the fast answers.
-    #[inline]
-    pub(crate) fn primary_cut_short(&mut self) {
-        #[cfg(feature = "adaptive")]
-        if let Some(estimate) = self.extras.as_mut().and_then(|e| e.estimate.take()) {
-            estimate.record_at_least();
-        }
-    }
-}
-
-impl Drop for Speculation {
-    #[inline]
-    fn drop(&mut self) {
-        // A response future dropped while its primary was pending (the caller gave up,
-        // or a timeout fired) cut the primary short.
-        self.primary_cut_short();
-    }
-}
-
-impl fmt::Debug for Speculation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Speculation")
-            .field("plan", &self.plan)
-            .field("launched", &self.launched)
-            .field("tracker", &self.tracker)
-            .finish_non_exhaustive()
     }
 }
 
@@ -389,4 +265,4 @@ impl std::future::Future for Timer {
 }
 
 #[cfg(feature = "adaptive")]
-mod adaptive;
+pub(crate) mod adaptive;

@@ -131,14 +131,14 @@ impl<F, A, S> FallbackLayer<F, A, S> {
     where
         H: Fn(&crate::outcome::Outcome) + Send + Sync + 'static,
     {
-        self.settings.observers.hook = Some(std::sync::Arc::new(hook));
+        self.settings.observers_mut().hook = Some(std::sync::Arc::new(hook));
         self
     }
 
     /// Counts the outcomes of every service this layer builds into `stats`.
     /// Default: no counting. See [`Fallback::stats`].
     pub fn stats(mut self, stats: crate::outcome::Stats) -> Self {
-        self.settings.observers.stats = Some(stats);
+        self.settings.observers_mut().stats = Some(stats);
         self
     }
     /// Reports the outcomes of every service this layer builds through the
@@ -147,8 +147,8 @@ impl<F, A, S> FallbackLayer<F, A, S> {
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(mut self, name: &'static str) -> Self {
-        self.settings.observers.metrics = Some(std::sync::Arc::new(
-            crate::outcome::metrics_export::Handles::register(name),
+        self.settings.observers_mut().metrics = Some(std::sync::Arc::new(
+            crate::outcome::MetricsHandles::register(name),
         ));
         self
     }

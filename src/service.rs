@@ -240,14 +240,14 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     where
         H: Fn(&crate::outcome::Outcome) + Send + Sync + 'static,
     {
-        self.settings.observers.hook = Some(std::sync::Arc::new(hook));
+        self.settings.observers_mut().hook = Some(std::sync::Arc::new(hook));
         self
     }
 
     /// Counts every request's outcome into `stats`, a shared handle that can be read
     /// anywhere. Default: no counting.
     pub fn stats(mut self, stats: crate::outcome::Stats) -> Self {
-        self.settings.observers.stats = Some(stats);
+        self.settings.observers_mut().stats = Some(stats);
         self
     }
 
@@ -263,8 +263,8 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(mut self, name: &'static str) -> Self {
-        self.settings.observers.metrics = Some(std::sync::Arc::new(
-            crate::outcome::metrics_export::Handles::register(name),
+        self.settings.observers_mut().metrics = Some(std::sync::Arc::new(
+            crate::outcome::MetricsHandles::register(name),
         ));
         self
     }
@@ -334,8 +334,14 @@ where
         let fallback = self.fallback.clone();
         let accept = self.accept.clone();
         let primary = self.primary.call(req);
-        let speculation = self.settings.plan(eligible);
-        ResponseFuture::new(primary, fallback, fallback_req, accept, speculation)
+        ResponseFuture::new(
+            primary,
+            fallback,
+            fallback_req,
+            accept,
+            &self.settings,
+            eligible,
+        )
     }
 }
 

@@ -147,6 +147,12 @@ impl Adaptive {
         self.inner.skipped.load(Ordering::Relaxed)
     }
 
+    /// A timer for this request's primary call, if it is sampled.
+    #[inline]
+    pub(crate) fn sampler(&self) -> Option<Sampler> {
+        Some(Sampler::start(self))
+    }
+
     fn record(&self, latency: Duration) {
         let e = &*self.inner;
         let mut recorder = match e.recorder.try_lock() {
@@ -212,7 +218,7 @@ pub(crate) struct Sampler {
 
 impl Sampler {
     /// Starts timing a primary call now.
-    pub(crate) fn start(adaptive: &Adaptive) -> Self {
+    fn start(adaptive: &Adaptive) -> Self {
         Sampler {
             adaptive: adaptive.clone(),
             start: Instant::now(),
