@@ -394,8 +394,8 @@ fn run(draws: &Arc<[Draw]>, policy: Policy, delayed_at: u64) -> Run {
             Policy::Concurrent => Some(0),
             Policy::Delayed => Some(delayed_at),
             Policy::Adaptive | Policy::AdaptiveBudget => Some(
-                // The estimate is in µs; tokio's timer rounds a deadline up to its ms.
-                adaptive.delay().as_micros().div_ceil(1_000) as u64,
+                // `delay` is rounded up to tokio's whole milliseconds already.
+                adaptive.delay().as_millis() as u64,
             ),
         };
 
@@ -742,6 +742,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         panels.push((scenario, rows));
     }
+    remote_cache::print();
     plot(&panels)?;
     eprintln!(
         "wrote {PLOT}; {} policies x {} scenarios x {REQUESTS} requests in {:.2} s",
@@ -777,4 +778,224 @@ fn thousands(n: usize) -> String {
         out.push(c);
     }
     out
+}
+
+/// Scenario (c): a remote cache answering in hundreds of microseconds, at true scale.
+///
+/// Scenarios (a) and (b) scale time by 100 so that tokio's millisecond timer can stand
+/// for a 1 ms cache, which hides the timer's own resolution. Here nothing is scaled:
+/// the cache and the database answer at their drawn instant to the nanosecond (the
+/// clock is advanced in 10 µs steps and the request polled after each, so neither waits
+/// for a timer tick), while the launch delay runs on tokio's 1 ms ticks, as it does in
+/// production. Requests run one at a time, arriving at random points between ticks.
+mod remote_cache {
+    use super::{lognormal, sorted_quantile, Policy, QUANTILE, SEED};
+    use rand::{rngs::StdRng, RngExt, SeedableRng};
+    use rand_distr::{Distribution, Exp};
+    use std::{
+        convert::Infallible,
+        future::Future,
+        pin::{pin, Pin},
+        sync::{
+            atomic::{AtomicUsize, Ordering::Relaxed},
+            Arc,
+        },
+        task::{Context, Poll},
+        time::Duration,
+    };
+    use tokio::time::{advance, Instant};
+    use tower::{service_fn, ServiceExt};
+    use tower_backstop::{
+        launch::{Adaptive, Launch},
+        Fallback,
+    };
+
+    pub(super) const REQUESTS: usize = 5_000;
+    /// How far the clock moves between two polls of a request.
+    const STEP: Duration = Duration::from_micros(10);
+
+    #[derive(Clone, Copy)]
+    struct Draw {
+        /// Time since the previous request's answer.
+        gap: Duration,
+        cache: Duration,
+        hit: bool,
+        db: Duration,
+    }
+
+    /// cache: 20% misses; latency lognormal (median 300 µs, σ 0.3), 2% in a slow mode
+    /// (lognormal, median 3 ms, σ 0.5). database: lognormal (median 5 ms, σ 0.5).
+    fn draws() -> Vec<Draw> {
+        let mut rng = StdRng::seed_from_u64(SEED + 2);
+        let gap = Exp::new(1.0 / 0.2).expect("valid exponential");
+        let ms = |ms: f64| Duration::from_secs_f64(ms / 1_000.0);
+        (0..REQUESTS)
+            .map(|_| {
+                let cache = if rng.random_bool(0.02) {
+                    lognormal(3.0, 0.5).sample(&mut rng)
+                } else {
+                    lognormal(0.3, 0.3).sample(&mut rng)
+                };
+                Draw {
+                    gap: ms(gap.sample(&mut rng)),
+                    cache: ms(cache),
+                    hit: !rng.random_bool(0.2),
+                    db: ms(lognormal(5.0, 0.5).sample(&mut rng)),
+                }
+            })
+            .collect()
+    }
+
+    /// Ready once the clock reaches `at`; the driver polls it after every step.
+    struct At<T>(Instant, T);
+
+    impl<T: Copy + Unpin> Future for At<T> {
+        type Output = Result<T, Infallible>;
+
+        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+            if Instant::now() >= self.0 {
+                Poll::Ready(Ok(self.1))
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    /// What one policy did: served latencies, database calls for hits, the final delay.
+    struct Run {
+        served: Vec<Duration>,
+        extra: usize,
+        estimate: Option<Duration>,
+        delay: Option<Duration>,
+    }
+
+    fn run(draws: &Arc<[Draw]>, policy: Policy, delayed_at: Duration) -> Run {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let extra = Arc::new(AtomicUsize::new(0));
+            let d = draws.clone();
+            // `(hit, source is the cache)`.
+            let cache =
+                service_fn(move |i: usize| At(Instant::now() + d[i].cache, (d[i].hit, true)));
+            let (d, calls) = (draws.clone(), extra.clone());
+            let db = service_fn(move |i: usize| {
+                if d[i].hit {
+                    calls.fetch_add(1, Relaxed);
+                }
+                At(Instant::now() + d[i].db, (true, false))
+            });
+            let adaptive = Adaptive::new(QUANTILE, Duration::from_millis(2));
+            let launch = match policy {
+                Policy::Sequential => Launch::Sequential,
+                Policy::Concurrent => Launch::Concurrent,
+                Policy::Delayed => Launch::Delayed(delayed_at),
+                _ => Launch::Adaptive(adaptive.clone()),
+            };
+            let svc = Fallback::new(cache, db)
+                .accept(|r: &Result<(bool, bool), Infallible>| matches!(r, Ok((true, _))))
+                .launch(launch);
+            let mut served = Vec::with_capacity(draws.len());
+            for (i, draw) in draws.iter().enumerate() {
+                advance(draw.gap).await;
+                let start = Instant::now();
+                let mut fut = pin!(svc.clone().oneshot(i));
+                // Bounded: every request is answered within a second of modelled time.
+                let reply = loop {
+                    let poll = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx)));
+                    if let Poll::Ready(reply) = poll.await {
+                        break reply;
+                    }
+                    assert!(
+                        start.elapsed() < Duration::from_secs(1),
+                        "request {i} hangs"
+                    );
+                    advance(STEP).await;
+                };
+                let Ok((_, from_cache)) = reply;
+                assert_eq!(
+                    from_cache, draw.hit,
+                    "request {i} served by the wrong branch"
+                );
+                served.push(start.elapsed());
+            }
+            served.sort_unstable();
+            let is_adaptive = matches!(policy, Policy::Adaptive);
+            Run {
+                served,
+                extra: extra.load(Relaxed),
+                estimate: adaptive.estimate().filter(|_| is_adaptive),
+                delay: is_adaptive.then(|| adaptive.delay()),
+            }
+        })
+    }
+
+    fn ms(d: Duration) -> f64 {
+        d.as_secs_f64() * 1_000.0
+    }
+
+    /// Prints the scenario's table.
+    pub(super) fn print() {
+        let draws: Arc<[Draw]> = draws().into();
+        let caches: Vec<u64> = draws.iter().map(|d| d.cache.as_nanos() as u64).collect();
+        let quantile = |q| Duration::from_nanos(sorted_quantile(caches.iter().copied(), q));
+        let delayed_at = quantile(0.9);
+        println!("## Scenario (c) a remote cache at a few hundred microseconds\n");
+        println!(
+            "cache: 20% misses; latency lognormal (median 300 µs, σ 0.3), 2% in a slow mode \
+             (lognormal, median 3 ms, σ 0.5). database: lognormal (median 5 ms, σ 0.5). \
+             True scale, one request at a time, {} requests. Cache p50 {:.3} ms, p90 \
+             {:.3} ms, p99 {:.3} ms.\n",
+            REQUESTS,
+            ms(quantile(0.5)),
+            ms(delayed_at),
+            ms(quantile(0.99)),
+        );
+        println!(
+            "| policy | p50 (ms) | p99 (ms) | p99.9 (ms) | extra database load | delay applied |"
+        );
+        println!("|---|---|---|---|---|---|");
+        let policies = [
+            Policy::Sequential,
+            Policy::Concurrent,
+            Policy::Delayed,
+            Policy::Adaptive,
+        ];
+        for policy in policies {
+            let r = run(&draws, policy, delayed_at);
+            let p = |q: f64| {
+                let rank = ((q * r.served.len() as f64).ceil() as usize).clamp(1, r.served.len());
+                ms(r.served[rank - 1])
+            };
+            let (name, delay) = match policy {
+                Policy::Sequential => ("Sequential".to_string(), "—".to_string()),
+                Policy::Concurrent => ("Concurrent".to_string(), "0".to_string()),
+                Policy::Delayed => (
+                    format!("Delayed ({:.3} ms, the cache's p90)", ms(delayed_at)),
+                    format!(
+                        "{} ms (rounded up), on the next tick",
+                        delayed_at.as_nanos().div_ceil(1_000_000)
+                    ),
+                ),
+                _ => (
+                    format!(
+                        "Adaptive (p90; final estimate {:.3} ms)",
+                        r.estimate.map_or(f64::NAN, ms)
+                    ),
+                    format!("{:.0} ms (`Adaptive::delay`)", r.delay.map_or(f64::NAN, ms)),
+                ),
+            };
+            println!(
+                "| {name} | {:.3} | {:.3} | {:.3} | {:.1}% | {delay} |",
+                p(0.5),
+                p(0.99),
+                p(0.999),
+                100.0 * r.extra as f64 / REQUESTS as f64,
+            );
+        }
+        println!();
+    }
 }

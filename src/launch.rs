@@ -9,18 +9,23 @@
 //! | policy | fallback starts | extra fallback load | a miss costs |
 //! |---|---|---|---|
 //! | [`Launch::Concurrent`] (default) | with the primary | one call per request (hits included) | `max(primary, fallback)` |
-//! | `Launch::Delayed(d)` | once the primary has been pending for `d` | one call per request slower than `d` | `max(primary, d + fallback)` if the miss is slower than `d`, else `primary + fallback` |
-//! | `Launch::Adaptive(..)` | once the primary has been pending longer than a percentile `q` of its recent latency | about `1 - q` of requests (10% at p90) | as `Delayed`, with `d` following the primary |
+//! | `Launch::Delayed(d)` | on the first 1 ms timer tick once the primary has been pending for `d` rounded up to a whole ms (`D`) | one call per request slower than `D` to `D + 1 ms` | `max(primary, D + fallback)` (plus up to 1 ms) if the miss is slower than `D`, else `primary + fallback` |
+//! | `Launch::Adaptive(..)` | as `Delayed`, with `d` a percentile `q` of the primary's recent latency (cut-short calls included) | at most `1 - q` of requests (10% at p90); none from a primary faster than 1 ms | as `Delayed` |
 //! | [`Launch::Sequential`] | after the primary is rejected | none | `primary + fallback` |
 //!
 //! Whatever the policy, a rejected primary always gets its fallback, started at once:
 //! the policy only decides how early the fallback may start before that.
 //!
+//! The policies that wait run on tokio's timer, which fires on whole-millisecond
+//! ticks: a delay is rounded up to a whole millisecond, and the launch comes on the
+//! first tick at or after it. A primary that answers within the rounded delay never
+//! starts its fallback; sub-millisecond delays are not honoured as such.
+//!
 //! A *speculative* launch is one that starts before the primary has been rejected.
 //! With a budget set (`Fallback::budget`, feature `budget`), every request deposits
 //! into it and every speculative launch withdraws from it; a refused withdrawal
 //! degrades that one request to sequential. Size the two together: an adaptive launch
-//! at percentile `q` speculates for about `1 - q` of the requests, so a budget below
+//! at percentile `q` speculates for at most about `1 - q` of the requests, so a budget below
 //! that refuses some of exactly the slow requests speculation is for (the latency
 //! study in the repository measured p90 with a 10% budget: almost no refusals).
 
@@ -56,16 +61,29 @@ pub enum Launch {
     /// Start the fallback once the primary has been pending for this long, or at once
     /// if the primary is rejected sooner.
     ///
-    /// Extra load is one call per request whose primary takes longer than the delay;
-    /// choosing the delay at the primary's p95 latency costs about 5% extra load. The
-    /// delay counts from the response future's first poll that finds the primary
+    /// The delay counts from the response future's first poll that finds the primary
     /// pending (normally right after `call`), so a primary that answers at once never
-    /// reads the clock. A delay too long to represent (`Duration::MAX`) never runs out.
+    /// reads the clock. It runs on tokio's timer, which fires on whole-millisecond
+    /// ticks: the delay is rounded **up** to a whole millisecond `D` (`100 µs` acts as
+    /// `1 ms`; `0` stays `0`), and the fallback starts on the first tick at or after
+    /// `D` — between `D` and `D + 1 ms` after the primary was found pending, later if
+    /// the runtime is busy. A primary that answers within `D` never starts its
+    /// fallback. [`Outcome::launched_after`](crate::outcome::Outcome::launched_after)
+    /// reports when each launch actually came.
+    ///
+    /// Extra load is one call per request whose primary takes longer than that;
+    /// choosing the delay at the primary's p95 latency costs at most about 5% extra
+    /// load. A delay too long to represent (`Duration::MAX`) never runs out.
+    ///
+    /// Available with the `time` feature (on by default).
     #[cfg(feature = "time")]
     #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
     Delayed(Duration),
     /// Like [`Launch::Delayed`], with the delay following a percentile of the
-    /// primary's recent latency. See [`Adaptive`].
+    /// primary's recent latency, calls cut short included; rounded up to a whole
+    /// millisecond like any delay. See [`Adaptive`].
+    ///
+    /// Available with the `adaptive` feature.
     #[cfg(feature = "adaptive")]
     #[cfg_attr(docsrs, doc(cfg(feature = "adaptive")))]
     Adaptive(Adaptive),
@@ -211,16 +229,17 @@ pub(crate) enum Plan {
 }
 
 impl Plan {
-    /// Speculate once `delay` has passed since `start`: the deadline, or `None` for a
-    /// delay too long to be represented (`Duration::MAX`, say), which never passes —
-    /// the fallback then starts only after a rejection, as with `Launch::Sequential`.
+    /// Speculate once `delay`, rounded up for the timer (see [`on_timer`]), has passed
+    /// since `start`: the deadline, or `None` for a delay too long to be represented
+    /// (`Duration::MAX`, say), which never passes — the fallback then starts only after
+    /// a rejection, as with `Launch::Sequential`.
     #[cfg(feature = "time")]
     #[inline]
     pub(crate) fn deadline(
         start: tokio::time::Instant,
         delay: Duration,
     ) -> Option<tokio::time::Instant> {
-        start.checked_add(delay)
+        start.checked_add(on_timer(delay))
     }
 
     /// Whether the fallback may start before the primary is rejected.
@@ -241,6 +260,26 @@ impl Plan {
             Plan::Wait(why) => why,
         }
     }
+}
+
+/// A launch delay as tokio's timer can honour it: rounded up to a whole millisecond.
+///
+/// The timer fires on millisecond ticks, rounding every deadline up to the next one, so
+/// a deadline `start + 100 µs` fires anywhere from 100 µs to 1.1 ms after `start`,
+/// depending on where `start` falls between ticks. Rounding the delay up first makes
+/// the launch come between `D` and `D + 1 ms`: never before the delay that is reported
+/// (`Adaptive::delay`, the docs), so a primary faster than `D` never speculates.
+#[cfg(feature = "time")]
+#[inline]
+pub(crate) fn on_timer(delay: Duration) -> Duration {
+    const TICK_NANOS: u32 = 1_000_000;
+    let past_tick = delay.subsec_nanos() % TICK_NANOS;
+    if past_tick == 0 {
+        return delay;
+    }
+    delay
+        .checked_add(Duration::from_nanos(u64::from(TICK_NANOS - past_tick)))
+        .unwrap_or(Duration::MAX)
 }
 
 /// The timer a response future waits on: a launch delay, then the patience bound.

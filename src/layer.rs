@@ -4,7 +4,7 @@ use crate::{
     Fallback,
 };
 use std::fmt;
-use tower_layer::Layer;
+use tower_layer::{Identity, Layer};
 
 /// Wraps a primary service in a [`Fallback`] to the given fallback service.
 ///
@@ -29,48 +29,90 @@ use tower_layer::Layer;
 ///     .service(cache);
 /// # let _ = svc;
 /// ```
+///
+/// # Type parameters
+///
+/// `F` is the fallback service, `A` the [`Accept`](crate::accept::Accept) predicate
+/// and `S` the [`Eligible`](crate::launch::Eligible) predicate. `O` and `I` are layers
+/// the built [`Fallback`] is wrapped in (`O`) and the primary is wrapped in (`I`); both
+/// are [`Identity`] unless the `http` feature's
+/// `buffer_bodies` or
+/// `mark_served_by` set them, so the builder methods
+/// can be called in any order and the layer stays one type.
 #[derive(Clone)]
-pub struct FallbackLayer<F, A = AcceptOk, S = AnyRequest> {
+pub struct FallbackLayer<F, A = AcceptOk, S = AnyRequest, O = Identity, I = Identity> {
     fallback: F,
     accept: A,
     eligible: S,
     settings: Settings,
+    pub(crate) outer: O,
+    pub(crate) inner: I,
 }
 
 impl<F> FallbackLayer<F> {
     /// Creates a layer that falls back to `fallback`, accepting any `Ok` from the
     /// primary and starting both at once.
+    ///
+    /// With axum, an axum `Router` as the fallback goes in
+    /// `tower_backstop::http::Reroute` (feature `axum`), or its `Path` extractors see the
+    /// primary's path parameters too; a handler or a `MethodRouter` needs nothing.
     pub fn new(fallback: F) -> Self {
         FallbackLayer {
             fallback,
             accept: AcceptOk,
             eligible: AnyRequest,
             settings: Settings::default(),
+            outer: Identity::new(),
+            inner: Identity::new(),
         }
     }
 }
 
-impl<F, A, S> FallbackLayer<F, A, S> {
-    /// Replaces the predicate that decides whether the primary's result stands.
-    /// Default: [`AcceptOk`]. See [`Fallback::accept`].
-    pub fn accept<A2>(self, accept: A2) -> FallbackLayer<F, A2, S> {
+impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
+    /// Rebuilds the layer with other parts of any type; the settings are kept.
+    pub(crate) fn with_parts<F2, A2, S2, O2, I2>(
+        self,
+        parts: impl FnOnce(F, A, S, O, I) -> (F2, A2, S2, O2, I2),
+    ) -> FallbackLayer<F2, A2, S2, O2, I2> {
+        let (fallback, accept, eligible, outer, inner) = parts(
+            self.fallback,
+            self.accept,
+            self.eligible,
+            self.outer,
+            self.inner,
+        );
         FallbackLayer {
-            fallback: self.fallback,
+            fallback,
             accept,
-            eligible: self.eligible,
+            eligible,
             settings: self.settings,
+            outer,
+            inner,
         }
+    }
+
+    /// Replaces the predicate that decides whether the primary's result stands.
+    ///
+    /// **A closure needs its argument's type written out**, as in
+    /// `.accept(|r: &Result<Option<Row>, Infallible>| matches!(r, Ok(Some(_))))`: the
+    /// layer does not know the response type until it wraps a service. Without the
+    /// annotation rustc reports `error[E0282]: type annotations needed` at the closure,
+    /// or, when the closure's body fixes part of the type, an error far from it: at
+    /// `oneshot`, ``error[E0599]: the method `oneshot` exists for struct
+    /// `Fallback<..>`, but its trait bounds were not satisfied``; at `Router::layer`,
+    /// `error[E0631]: type mismatch in closure arguments`. For HTTP responses the `http`
+    /// feature's status predicates (`RejectStatus`, `StatusIn`, `GrpcStatus`) need no
+    /// annotation.
+    ///
+    /// Default: [`AcceptOk`]. See [`Fallback::accept`].
+    pub fn accept<A2>(self, accept: A2) -> FallbackLayer<F, A2, S, O, I> {
+        self.with_parts(|f, _, s, o, i| (f, accept, s, o, i))
     }
 
     /// Replaces the fallback service with `f(fallback)`, keeping the configuration:
     /// for wrapping the fallback in a middleware of its own after the fact.
-    pub fn map_fallback<F2>(self, f: impl FnOnce(F) -> F2) -> FallbackLayer<F2, A, S> {
-        FallbackLayer {
-            fallback: f(self.fallback),
-            accept: self.accept,
-            eligible: self.eligible,
-            settings: self.settings,
-        }
+    pub fn map_fallback<F2>(self, f: impl FnOnce(F) -> F2) -> FallbackLayer<F2, A, S, O, I> {
+        self.with_parts(|fallback, a, s, o, i| (f(fallback), a, s, o, i))
     }
 
     /// Sets when the fallback starts. Default: [`Launch::Concurrent`].
@@ -81,41 +123,66 @@ impl<F, A, S> FallbackLayer<F, A, S> {
     }
 
     /// Caps speculative launches with a budget shared by every service this layer
-    /// builds. Default: no cap. See [`Fallback::budget`].
+    /// builds, such as a [`TpsBudget`](crate::budget::TpsBudget). Default: no cap.
+    /// See [`Fallback::budget`].
+    ///
+    /// Available with the `budget` feature.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # use std::convert::Infallible;
+    /// # use tower::service_fn;
+    /// use tower_backstop::{budget::TpsBudget, FallbackLayer};
+    ///
+    /// # let db = service_fn(|key: u32| async move { Ok::<_, Infallible>(key) });
+    /// // At most 10% extra fallback calls over a 10 s window, and at least 1 per second.
+    /// let layer = FallbackLayer::new(db).budget(TpsBudget::new(Duration::from_secs(10), 1, 0.1));
+    /// # let _ = layer;
+    /// ```
     #[cfg(feature = "budget")]
     #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
     pub fn budget<B>(self, budget: B) -> Self
     where
-        B: tower::retry::budget::Budget + Send + Sync + 'static,
+        B: crate::budget::Budget + Send + Sync + 'static,
     {
         self.shared_budget(std::sync::Arc::new(budget))
     }
 
     /// Like [`budget`](FallbackLayer::budget), with a budget you keep a handle to.
     /// See [`Fallback::shared_budget`].
+    ///
+    /// Available with the `budget` feature.
     #[cfg(feature = "budget")]
     #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
     pub fn shared_budget<B>(mut self, budget: std::sync::Arc<B>) -> Self
     where
-        B: tower::retry::budget::Budget + Send + Sync + 'static,
+        B: crate::budget::Budget + Send + Sync + 'static,
     {
         self.settings.budget = Some(budget);
         self
     }
 
-    /// Lets only the requests `eligible` approves start their fallback speculatively.
+    /// Lets only the requests `eligible` approves start their fallback speculatively;
+    /// the others start it only after the primary is rejected.
+    ///
+    /// **A closure needs its argument's type written out**, as in
+    /// `.speculate_if(|req: &Request<ReplayBody>| req.method() == Method::GET)`: the
+    /// layer does not know the request type until it is used, and without the
+    /// annotation rustc reports `error[E0282]: type annotations needed` at the closure.
+    /// Behind `buffer_bodies` the request type is
+    /// `http::Request<ReplayBody>`. For HTTP, the `http` feature has ready-made
+    /// predicates that need no annotation: `http::SafeMethods` and
+    /// `http::IdempotentMethods` (RFC 9110 §9.2.1, §9.2.2).
+    ///
     /// Default: [`AnyRequest`]. See [`Fallback::speculate_if`].
-    pub fn speculate_if<S2>(self, eligible: S2) -> FallbackLayer<F, A, S2> {
-        FallbackLayer {
-            fallback: self.fallback,
-            accept: self.accept,
-            eligible,
-            settings: self.settings,
-        }
+    pub fn speculate_if<S2>(self, eligible: S2) -> FallbackLayer<F, A, S2, O, I> {
+        self.with_parts(|f, a, _, o, i| (f, a, eligible, o, i))
     }
 
     /// Bounds how long a successful fallback answer waits for the primary.
     /// Default: no bound. See [`Fallback::patience`].
+    ///
+    /// Available with the `time` feature (on by default).
     #[cfg(feature = "time")]
     #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
     pub fn patience(mut self, patience: std::time::Duration) -> Self {
@@ -124,7 +191,7 @@ impl<F, A, S> FallbackLayer<F, A, S> {
     }
 }
 
-impl<F, A, S> FallbackLayer<F, A, S> {
+impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     /// Calls `hook` with the outcome of every request finished by any service this
     /// layer builds. Default: no hook. See [`Fallback::on_outcome`].
     pub fn on_outcome<H>(mut self, hook: H) -> Self
@@ -144,6 +211,8 @@ impl<F, A, S> FallbackLayer<F, A, S> {
     /// Reports the outcomes of every service this layer builds through the
     /// [`metrics`] facade, labelled `layer = name`. Default: off. See
     /// [`Fallback::metrics`].
+    ///
+    /// Available with the `metrics` feature.
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(mut self, name: &'static str) -> Self {
@@ -154,28 +223,76 @@ impl<F, A, S> FallbackLayer<F, A, S> {
     }
 }
 
-impl<P, F, A, S> Layer<P> for FallbackLayer<F, A, S>
+/// Stand-ins for the builder methods of features that are off: calling one fails to
+/// compile with a message that names the feature (see `crate::feature`).
+#[allow(missing_docs)]
+impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
+    #[cfg(not(feature = "budget"))]
+    #[doc(hidden)]
+    pub fn budget<B: crate::feature::NeedsBudget>(self, _budget: B) -> Self {
+        self
+    }
+
+    #[cfg(not(feature = "budget"))]
+    #[doc(hidden)]
+    pub fn shared_budget<B: crate::feature::NeedsBudget>(self, _budget: B) -> Self {
+        self
+    }
+
+    #[cfg(not(feature = "time"))]
+    #[doc(hidden)]
+    pub fn patience<D: crate::feature::NeedsTime>(self, _patience: D) -> Self {
+        self
+    }
+
+    #[cfg(not(feature = "metrics"))]
+    #[doc(hidden)]
+    pub fn metrics<N: crate::feature::NeedsMetrics>(self, _name: N) -> Self {
+        self
+    }
+
+    #[cfg(not(feature = "http"))]
+    #[doc(hidden)]
+    pub fn buffer_bodies(self) -> Self
+    where
+        F: crate::feature::NeedsHttp,
+    {
+        self
+    }
+
+    #[cfg(not(feature = "http"))]
+    #[doc(hidden)]
+    pub fn mark_served_by<H: crate::feature::NeedsHttp>(self, _header: H) -> Self {
+        self
+    }
+}
+
+impl<P, F, A, S, O, I> Layer<P> for FallbackLayer<F, A, S, O, I>
 where
     F: Clone,
     A: Clone,
     S: Clone,
+    I: Layer<P>,
+    O: Layer<Fallback<I::Service, F, A, S>>,
 {
-    type Service = Fallback<P, F, A, S>;
+    type Service = O::Service;
 
     fn layer(&self, primary: P) -> Self::Service {
-        Fallback::from_parts(
-            primary,
+        self.outer.layer(Fallback::from_parts(
+            self.inner.layer(primary),
             self.fallback.clone(),
             self.accept.clone(),
             self.eligible.clone(),
             self.settings.clone(),
-        )
+        ))
     }
 }
 
-impl<F, A, S> fmt::Debug for FallbackLayer<F, A, S>
+impl<F, A, S, O, I> fmt::Debug for FallbackLayer<F, A, S, O, I>
 where
     F: fmt::Debug,
+    O: fmt::Debug,
+    I: fmt::Debug,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FallbackLayer")
@@ -183,6 +300,8 @@ where
             .field("accept", &TypeName::of(&self.accept))
             .field("eligible", &TypeName::of(&self.eligible))
             .field("settings", &self.settings)
+            .field("outer", &self.outer)
+            .field("inner", &self.inner)
             .finish()
     }
 }

@@ -88,17 +88,25 @@
 //! | feature | default | enables |
 //! |---|---|---|
 //! | `time` | yes | `Launch::Delayed` and `patience`, on tokio's timer (needs a tokio runtime with time enabled) |
-//! | `adaptive` | no | `Launch::Adaptive`, estimating a latency percentile with `hdrhistogram` |
-//! | `budget` | no | `budget`, capping speculative launches with any `tower::retry::budget::Budget` |
+//! | `adaptive` | no | `Launch::Adaptive`, estimating a latency percentile of the primary |
+//! | `budget` | no | `budget`, capping speculative launches with a [`TpsBudget`](https://docs.rs/tower/latest/tower/retry/budget/struct.TpsBudget.html) or any `Budget`, re-exported in the `budget` module |
 //! | `tracing` | no | a debug-level span per request carrying its outcome |
 //! | `metrics` | no | outcome counters and latency histograms through the `metrics` facade |
-//! | `http` | no | the `http` module: request-body buffering so `http::Request`s can be cloned for the fallback, HTTP-status and gRPC-status predicates (axum, hyper, tonic) |
+//! | `http` | no | the `http` module: request-body buffering so `http::Request`s can be cloned for the fallback, HTTP-status and gRPC-status predicates (axum, hyper, tonic), method predicates for `speculate_if` |
+//! | `axum` | no | `http`, and `http::Reroute`: an axum `Router` as the fallback behind `Router::layer` and `route_layer` (depends on axum without its default features) |
+//!
+//! Every item behind a feature says so in its own documentation.
 //!
 //! # Minimum supported Rust version
 //!
 //! Rust 1.85.
 
 pub mod accept;
+#[cfg(feature = "budget")]
+#[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
+pub mod budget;
+#[doc(hidden)]
+pub mod feature;
 pub mod future;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

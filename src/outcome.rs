@@ -128,6 +128,10 @@ pub struct Outcome {
     pub fallback: Fate,
     /// Why the fallback started when it did, if it started.
     pub launched: Option<Launched>,
+    /// From the call to the fallback's launch, if it started. After a delayed or
+    /// adaptive launch, this is the delay as applied: at least the delay rounded up to a
+    /// whole millisecond, on a tick of tokio's timer.
+    pub launched_after: Option<Duration>,
     /// Whether the budget refused this request a speculative launch.
     pub budget_refused: bool,
     /// Whether the fallback answered while the primary was still pending (a readiness

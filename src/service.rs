@@ -150,7 +150,9 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
 
     /// Replaces the predicate that decides whether the primary's result stands.
     ///
-    /// The predicate sees the primary's whole `Result`; anything it rejects is replaced
+    /// A closure needs its argument's type written out, `|r: &Result<T, E>| ..`; see
+    /// [`FallbackLayer::accept`](crate::FallbackLayer::accept) for the errors rustc
+    /// gives without it. The predicate sees the primary's whole `Result`; anything it rejects is replaced
     /// by the fallback's result. The default, [`AcceptOk`], accepts every `Ok`.
     pub fn accept<A2>(self, accept: A2) -> Fallback<P, F, A2, S> {
         Fallback::from_parts(
@@ -172,12 +174,14 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     }
 
     /// Caps speculative launches — fallback calls started before the primary was
-    /// rejected — with a [`Budget`](tower::retry::budget::Budget), such as
-    /// [`TpsBudget`](tower::retry::budget::TpsBudget). Default: no cap.
+    /// rejected — with a [`Budget`](crate::budget::Budget), such as
+    /// [`TpsBudget`](crate::budget::TpsBudget). Default: no cap.
     ///
     /// Every request deposits; every speculative launch withdraws. A refused withdrawal
     /// makes that request sequential: its fallback still starts if the primary is
     /// rejected. The budget is shared by all clones of this service.
+    ///
+    /// Available with the `budget` feature.
     #[cfg(feature = "budget")]
     #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
     pub fn budget<B>(self, budget: B) -> Self
@@ -189,6 +193,8 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
 
     /// Like [`budget`](Fallback::budget), with a budget you keep a handle to: to share
     /// one budget between several layers, or to read it.
+    ///
+    /// Available with the `budget` feature.
     #[cfg(feature = "budget")]
     #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
     pub fn shared_budget<B>(mut self, budget: std::sync::Arc<B>) -> Self
@@ -201,6 +207,10 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
 
     /// Lets only the requests `eligible` approves start their fallback speculatively;
     /// the others are served sequentially. Default: [`AnyRequest`], every request.
+    ///
+    /// A closure needs its argument's type written out, `|req: &Req| ..`; see
+    /// [`FallbackLayer::speculate_if`](crate::FallbackLayer::speculate_if) for the
+    /// error rustc gives without it, and for ready-made HTTP predicates.
     ///
     /// Use it to keep requests that must not run twice (writes, non-idempotent calls)
     /// from reaching the fallback unless the primary has been rejected.
@@ -221,6 +231,8 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     /// gets `patience` more; if it has not answered by then, the fallback's answer is
     /// served and the primary's future is dropped. A fallback error never cuts the
     /// primary short.
+    ///
+    /// Available with the `time` feature (on by default).
     #[cfg(feature = "time")]
     #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
     pub fn patience(mut self, patience: std::time::Duration) -> Self {
@@ -260,6 +272,8 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     /// `backstop_primary_latency_seconds`, `backstop_fallback_latency_seconds`. The
     /// handles are registered here, once: install the metrics recorder before calling
     /// this.
+    ///
+    /// Available with the `metrics` feature.
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(mut self, name: &'static str) -> Self {

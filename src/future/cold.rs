@@ -131,7 +131,8 @@ impl Cold {
                 (crate::launch::Launch::Delayed(delay), Plan::Wait(_)) => Some(*delay),
                 #[cfg(feature = "adaptive")]
                 (crate::launch::Launch::Adaptive(adaptive), Plan::Wait(_)) => {
-                    Some(adaptive.delay())
+                    // Unrounded: `Plan::deadline` rounds for the timer.
+                    Some(adaptive.target())
                 }
                 _ => None,
             };

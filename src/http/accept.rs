@@ -51,6 +51,8 @@
 //! server that answered with at least one message, so only a streaming call that
 //! fails after its first message escapes the predicate. A server that must be judged
 //! on such calls has to be wrapped to read its answer to the end first.
+//!
+//! Available with the `http` feature.
 
 use crate::accept::Accept;
 use http::{Response, StatusCode};
@@ -68,6 +70,8 @@ use std::{fmt, ops::RangeInclusive};
 /// let not_an_error = StatusIn::new(200..=399);
 /// # let _ = (success, not_an_error);
 /// ```
+///
+/// Available with the `http` feature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatusIn {
     first: u16,
@@ -105,6 +109,8 @@ impl<B, E> Accept<Response<B>, E> for StatusIn {
 ///
 /// The usual predicate for a replica or a cache: a `4xx` is the client's problem and
 /// would be the same from the fallback, a `5xx` is the primary's.
+///
+/// Available with the `http` feature.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RejectServerErrors;
 
@@ -117,6 +123,8 @@ impl<B, E> Accept<Response<B>, E> for RejectServerErrors {
 /// Accepts an `Ok` response unless its status is this one; rejects every `Err`.
 ///
 /// `RejectStatus(StatusCode::NOT_FOUND)` treats a cache's `404` as a miss.
+///
+/// Available with the `http` feature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RejectStatus(pub StatusCode);
 
@@ -129,6 +137,8 @@ impl<B, E> Accept<Response<B>, E> for RejectStatus {
 /// A gRPC status code.
 ///
 /// The numbering is gRPC's (and `tonic::Code`'s): `GrpcCode::NotFound as i32 == 5`.
+///
+/// Available with the `http` feature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(i32)]
 #[allow(missing_docs)]
@@ -225,6 +235,8 @@ impl GrpcCode {
 /// let miss = GrpcStatus::rejecting(&[GrpcCode::NotFound, GrpcCode::Unavailable]);
 /// # let _ = (any_error, worth_retrying, miss);
 /// ```
+///
+/// Available with the `http` feature.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct GrpcStatus {
     rejected: u32,

@@ -23,7 +23,8 @@ use std::{
 /// count ([`Bytes`]), never copied, and so are the trailers, if the request had any.
 ///
 /// A `ReplayBody` yields its bytes as one data frame, then its trailers, and never
-/// fails (`Error = Infallible`). A branch that needs a body type of its own converts
+/// fails (`Error = Infallible`). Its [`size_hint`](Body::size_hint) is exact and, as
+/// `http-body` defines it, counts the data bytes only, not the trailers. A branch that needs a body type of its own converts
 /// it, e.g. `tonic::body::Body::new(body)` or `axum::body::Body::new(body)`.
 ///
 /// ```
@@ -39,6 +40,8 @@ use std::{
 /// assert_eq!(copy.collect().await.unwrap().to_bytes(), "hello");
 /// # }
 /// ```
+///
+/// Available with the `http` feature.
 #[derive(Clone, Default)]
 pub struct ReplayBody {
     // What is left to yield: the data is taken by the first poll, the trailers by the

@@ -1,6 +1,11 @@
 //! The future returned by a [`BufferBody`](super::BufferBody) service.
+//!
+//! Available with the `http` feature.
 
-use super::{buffer::Rejection, ReplayBody};
+use super::{
+    buffer::{Framing, Protocol, Rejection},
+    ReplayBody,
+};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{request::Parts, HeaderMap, Request, Response};
 use http_body::Body;
@@ -16,9 +21,13 @@ use tower_service::Service;
 pin_project! {
     /// Response future of [`BufferBody`](super::BufferBody).
     ///
-    /// It reads the request body (if there is one to read), then calls the inner
-    /// service with the buffered request and resolves to its answer — or, if the body
-    /// was too large or failed, to a `413` or `400` response without calling it.
+    /// It reads the request body (if there is one to read), at most 32 frames per
+    /// poll, then calls the inner service with the buffered request and resolves to
+    /// its answer — or, if the body was too large, failed, or contradicted its framing
+    /// headers, to a `413` or `400` response (or its gRPC form) without calling it.
+    /// See [`BufferBody`](super::BufferBody).
+    ///
+    /// Available with the `http` feature.
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<ReplayBody>>,
@@ -53,14 +62,26 @@ pin_project! {
     }
 }
 
+/// Frames read in one `poll` at most: after that many, the future wakes itself and
+/// returns `Pending`, so that a body that is always ready (with empty frames, say)
+/// cannot hold the thread, and a timeout around the future can fire.
+const FRAMES_PER_POLL: usize = 32;
+
+/// What a field costs against the cap, on top of its name and value: the overhead
+/// HTTP/2 counts per field in a header list (RFC 9113 §6.5.2).
+const FIELD_OVERHEAD: usize = 32;
+
 /// What a request is made of while its body is read.
 struct Collected<S> {
     inner: S,
     parts: Parts,
     data: Data,
     trailers: Option<HeaderMap>,
+    /// What the trailers count against the cap (see [`field_bytes`]).
+    trailer_bytes: usize,
     max_bytes: usize,
-    grpc: bool,
+    framing: Framing,
+    protocol: Protocol,
 }
 
 /// The body read so far.
@@ -82,13 +103,31 @@ impl Data {
     }
 }
 
+/// The size of a header list as HTTP/2 counts it: name, value and 32 bytes per field.
+fn field_bytes(fields: &HeaderMap) -> usize {
+    fields.iter().fold(0usize, |sum, (name, value)| {
+        sum.saturating_add(name.as_str().len())
+            .saturating_add(value.len())
+            .saturating_add(FIELD_OVERHEAD)
+    })
+}
+
 impl<S> Collected<S> {
-    /// Appends a chunk, or refuses it if the body would grow past the cap.
-    /// `still_expected` is the body's own lower bound on what is left after this chunk.
+    /// Appends a chunk, or refuses it if the body grows past its `Content-Length`
+    /// or past the cap. `still_expected` is the body's own lower bound on what is
+    /// left after this chunk: a claim, trusted only as far as the bytes received.
     fn push(&mut self, mut chunk: impl Buf, still_expected: u64) -> Result<(), Rejection> {
         let len = chunk.remaining();
-        let total = self.data.len() + len;
-        if total > self.max_bytes {
+        // Saturating: lengths come from the body, and the sums are only compared.
+        let total = self.data.len().saturating_add(len);
+        if let Some(declared) = self.framing.declared() {
+            if u64::try_from(total).unwrap_or(u64::MAX) > declared {
+                // More than the header said: the branches would see a body its
+                // `Content-Length` contradicts.
+                return Err(Rejection::Malformed);
+            }
+        }
+        if total.saturating_add(self.trailer_bytes) > self.max_bytes {
             return Err(Rejection::TooLarge);
         }
         if len == 0 {
@@ -99,14 +138,23 @@ impl<S> Collected<S> {
             // reference-count bump, not a copy.
             Data::Empty => Data::One(chunk.copy_to_bytes(len)),
             Data::One(first) => {
-                let expected = total as u64 + still_expected;
-                let capacity = expected.min(self.max_bytes as u64) as usize;
-                let mut buf = BytesMut::with_capacity(capacity.max(total));
+                // Room for what the body says is left, but never more than twice
+                // what has arrived (nor more than the cap): a body claiming a TiB
+                // and sending two bytes gets a buffer of four.
+                let claimed = usize::try_from(still_expected)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(total);
+                let capacity = claimed
+                    .min(total.saturating_mul(2))
+                    .min(self.max_bytes)
+                    .max(total);
+                let mut buf = BytesMut::with_capacity(capacity);
                 buf.put(first);
                 buf.put(chunk);
                 Data::Many(buf)
             }
             Data::Many(mut buf) => {
+                // Grows by doubling, from bytes received.
                 buf.put(chunk);
                 Data::Many(buf)
             }
@@ -114,11 +162,24 @@ impl<S> Collected<S> {
         Ok(())
     }
 
-    fn push_trailers(&mut self, trailers: HeaderMap) {
+    /// Keeps a trailers frame, counted against the cap before it is kept.
+    fn push_trailers(&mut self, trailers: HeaderMap) -> Result<(), Rejection> {
+        let trailer_bytes = self.trailer_bytes.saturating_add(field_bytes(&trailers));
+        if self.data.len().saturating_add(trailer_bytes) > self.max_bytes {
+            return Err(Rejection::TooLarge);
+        }
+        self.trailer_bytes = trailer_bytes;
         match &mut self.trailers {
             Some(held) => held.extend(trailers),
             None => self.trailers = Some(trailers),
         }
+        Ok(())
+    }
+
+    /// Checks the framing headers against the whole body, once it has ended.
+    fn finish(&mut self) -> Result<(), Rejection> {
+        let received = u64::try_from(self.data.len()).unwrap_or(u64::MAX);
+        self.framing.finish(received, &mut self.parts.headers)
     }
 
     fn into_request(self) -> (S, Request<ReplayBody>) {
@@ -155,15 +216,18 @@ where
         parts: Parts,
         body: B,
         max_bytes: usize,
-        grpc: bool,
+        framing: Framing,
+        protocol: Protocol,
     ) -> Self {
         let collected = Collected {
             inner,
             parts,
             data: Data::Empty,
             trailers: None,
+            trailer_bytes: 0,
             max_bytes,
-            grpc,
+            framing,
+            protocol,
         };
         ResponseFuture {
             state: State::Collecting {
@@ -184,43 +248,54 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let mut budget = FRAMES_PER_POLL;
         loop {
             match this.state.as_mut().project() {
                 StateProj::Collecting {
                     mut body,
                     collected,
                 } => {
+                    if budget == 0 {
+                        // Bounded work per poll: yield, and ask to be polled again.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    budget -= 1;
                     let held = collected.as_mut().expect("held until the call");
                     let frame = ready!(body.as_mut().poll_frame(cx));
-                    let rejection = match frame {
+                    let refused = match frame {
                         Some(Ok(frame)) => match frame.into_data() {
-                            Ok(chunk) => match held.push(chunk, body.size_hint().lower()) {
-                                Ok(()) => continue,
-                                Err(rejection) => rejection,
+                            Ok(chunk) => held.push(chunk, body.size_hint().lower()),
+                            Err(frame) => match frame.into_trailers() {
+                                Ok(trailers) => held.push_trailers(trailers),
+                                // A frame of a kind this crate does not know: not
+                                // part of the request either branch sees.
+                                Err(_) => Ok(()),
                             },
-                            Err(frame) => {
-                                if let Ok(trailers) = frame.into_trailers() {
-                                    held.push_trailers(trailers);
-                                }
-                                continue;
-                            }
                         },
                         // The error itself cannot be returned without widening the
                         // error type; the request is answered instead.
-                        Some(Err(_)) => Rejection::Unreadable,
-                        None => {
-                            let held = collected.take().expect("held until the call");
-                            let (mut inner, req) = held.into_request();
-                            // `inner` was readied by `BufferBody::poll_ready` before it
-                            // moved into this future.
-                            let fut = inner.call(req);
-                            this.state.set(State::Called { fut });
-                            continue;
-                        }
+                        Some(Err(_)) => Err(Rejection::Unreadable),
+                        None => match held.finish() {
+                            Ok(()) => {
+                                let held = collected.take().expect("held until the call");
+                                let (mut inner, req) = held.into_request();
+                                // `inner` was readied by `BufferBody::poll_ready`
+                                // before it moved into this future.
+                                let fut = inner.call(req);
+                                this.state.set(State::Called { fut });
+                                continue;
+                            }
+                            Err(rejection) => Err(rejection),
+                        },
                     };
+                    let Err(rejection) = refused else {
+                        continue;
+                    };
+                    let protocol = held.protocol;
                     // CORRECTNESS: the body and the readied service are dropped here,
                     // with the state: neither branch is ever called for this request.
-                    let response = rejection.response(held.grpc);
+                    let response = rejection.response(protocol);
                     this.state.set(State::Rejected {
                         response: Some(response),
                     });

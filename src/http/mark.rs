@@ -15,6 +15,8 @@ use tower_service::Service;
 /// Inserted into the response's extensions by [`MarkServedBy`], so a handler, a
 /// middleware further out or a test can read it with
 /// `response.extensions().get::<ServedBy>()`.
+///
+/// Available with the `http` feature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ServedBy {
     /// The primary's response was accepted.
@@ -35,6 +37,8 @@ impl ServedBy {
 
 /// The header [`FallbackLayer::mark_served_by`](crate::FallbackLayer::mark_served_by)
 /// writes when asked to: `x-served-by: primary` or `x-served-by: fallback`.
+///
+/// Available with the `http` feature.
 pub const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 
 /// Marks every response of the service it wraps as served by one branch: a
@@ -44,6 +48,8 @@ pub const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 /// [`MarkServedByLayer::fallback`]; whichever response the layer serves then carries
 /// its origin. [`FallbackLayer::mark_served_by`](crate::FallbackLayer::mark_served_by)
 /// does both in one call.
+///
+/// Available with the `http` feature.
 #[derive(Clone, Debug)]
 pub struct MarkServedBy<S> {
     inner: S,
@@ -106,6 +112,8 @@ where
 
 pin_project! {
     /// Response future of [`MarkServedBy`].
+    ///
+    /// Available with the `http` feature.
     #[derive(Debug)]
     pub struct MarkFuture<F> {
         #[pin]
@@ -134,6 +142,8 @@ where
 }
 
 /// Applies [`MarkServedBy`] to a service.
+///
+/// Available with the `http` feature.
 #[derive(Clone, Debug)]
 pub struct MarkServedByLayer {
     by: ServedBy,

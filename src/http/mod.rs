@@ -1,6 +1,8 @@
 //! HTTP and gRPC: request bodies, status predicates, and how the layer sits in axum,
 //! hyper and tonic stacks.
 //!
+//! Available with the `http` feature; `Reroute` needs the `axum` feature.
+//!
 //! A [`Fallback`] gives the fallback a clone of each request, and an
 //! `http::Request<B>` is only `Clone` when its body is — a streamed body (axum's,
 //! hyper's, tonic's) is not. [`BufferBody`] (or [`BufferBodyLayer`]) reads the body
@@ -29,69 +31,94 @@
 //! # axum
 //!
 //! `Router::layer` and `Router::route_layer` take the layer with one more builder
-//! call, [`buffer_bodies`](crate::FallbackLayer::buffer_bodies). The fallback is any
-//! `Infallible` service answering axum's `Response`: a proxy to another service (see
-//! the next section), a handler, or another `Router`:
+//! call, [`buffer_bodies`](crate::FallbackLayer::buffer_bodies) (the builder methods
+//! can be called in any order). The fallback is any `Infallible` service answering
+//! axum's `Response`: another `Router`, a handler, or a proxy to another service (see
+//! the next section).
+//!
+//! **A `Router` as the fallback** goes in a `Reroute` (feature `axum`). Behind
+//! `layer` and `route_layer` a request has been routed already, and axum keeps the
+//! path parameters it matched in the request's extensions; a second router would add
+//! its own to them, and its `Path` extractors would answer
+//! `500 Wrong number of path arguments for Path. Expected 1 but got 2`. `Reroute`
+//! resets axum's routing state and keeps every other extension, so what your own
+//! layers add (an `Extension` from an auth layer, a request id, `ConnectInfo`) reaches
+//! both branches:
 //!
 //! ```
-//! use axum::{body::Body, extract::Path, http::{Request, StatusCode}, routing::get, Router};
-//! use tower::ServiceExt;
-//! use tower_backstop::{http::{accept::RejectStatus, ReplayBody}, FallbackLayer};
-//!
+//! # #[cfg(feature = "axum")]
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
-//! let origin = Router::new()
-//!     .route("/item/{id}", get(|Path(id): Path<u32>| async move { format!("origin {id}") }))
-//!     // Routed once already: see "A router as the fallback" below.
-//!     .map_request(|mut req: Request<ReplayBody>| {
-//!         req.extensions_mut().clear();
-//!         req
-//!     });
+//! use axum::{body::Body, extract::Path, http::{Request, StatusCode}, routing::get, Extension, Router};
+//! use tower::ServiceExt;
+//! use tower_backstop::{
+//!     http::{accept::RejectStatus, Reroute, SafeMethods},
+//!     FallbackLayer,
+//! };
 //!
+//! #[derive(Clone)]
+//! struct CurrentUser(&'static str);
+//!
+//! // The database: an axum router of its own.
+//! let database = Router::new().route(
+//!     "/user/{id}",
+//!     get(|Path(id): Path<u32>, Extension(user): Extension<CurrentUser>| async move {
+//!         format!("user {id} for {}", user.0)
+//!     }),
+//! );
+//!
+//! // The cache answers 404 on a miss.
 //! let app = Router::new()
-//!     .route("/item/{id}", get(|| async { (StatusCode::NOT_FOUND, "not cached") }))
+//!     .route("/user/{id}", get(|Path(_id): Path<u32>| async { StatusCode::NOT_FOUND }))
 //!     .route_layer(
-//!         FallbackLayer::new(origin)
+//!         FallbackLayer::new(Reroute::new(database))
 //!             .accept(RejectStatus(StatusCode::NOT_FOUND))
+//!             // Writes reach the database only after the cache said no.
+//!             .speculate_if(SafeMethods)
 //!             .buffer_bodies(),
-//!     );
+//!     )
+//!     // An auth layer's extension, outermost: both routers see it.
+//!     .layer(Extension(CurrentUser("ada")));
 //!
 //! let response = app
-//!     .oneshot(Request::get("/item/7").body(Body::empty()).unwrap())
+//!     .oneshot(Request::get("/user/7").body(Body::empty()).unwrap())
 //!     .await
 //!     .unwrap(); // `Infallible`
-//! assert_eq!(response.status(), StatusCode::OK);
+//! assert_eq!(response.status(), StatusCode::OK); // "user 7 for ada", from the database
 //! # }
+//! # #[cfg(not(feature = "axum"))]
+//! # fn main() {}
 //! ```
 //!
 //! With `Router::layer` instead of `route_layer`, the layer also wraps the router's own
 //! fallback, so a path this router does not have (its `404`) is sent to the fallback
-//! too. To set the cap, use the layer itself:
-//! `.layer(FallbackLayer::new(origin)).layer(BufferBodyLayer::new().max_bytes(n))` —
-//! axum applies the last layer outermost.
+//! too. To set the body cap, use
+//! [`buffer_bodies_with`](crate::FallbackLayer::buffer_bodies_with)`(BufferBodyLayer::new().max_bytes(n))`.
 //!
-//! **A router as the fallback.** Behind `layer` and `route_layer` a request has been
-//! routed already, and axum keeps the path parameters it matched in the request's
-//! extensions. A second router adds its own to them, so a `Path` extractor in the
-//! fallback router finds one parameter too many. Either give that router the request
-//! without extensions, as above, or put the layer around the whole primary router,
-//! where it sees requests before any routing:
+//! A handler or a `MethodRouter` as the fallback (`FallbackLayer::new(get(handler))`)
+//! does not route again: its `Path` extractor reads the parameters the primary's route
+//! matched, which are the ones it wants, so it needs no `Reroute` and no `axum`
+//! feature. The layer can also wrap a whole primary router, where it sees requests
+//! before any routing; serve that with `axum::serve` as below:
 //!
-//! ```
-//! # use axum::{body::Body, http::{Request, StatusCode}, routing::get, Router};
-//! # use tower::{Layer, ServiceExt};
-//! # use tower_backstop::{http::accept::RejectStatus, FallbackLayer};
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! # let origin = Router::new().route("/item/{id}", get(|| async { "origin" }));
-//! # let cache = Router::new();
-//! let app = FallbackLayer::new(origin)
+//! ```no_run
+//! use axum::{extract::Path, http::StatusCode, routing::get, Router};
+//! use tower::Layer;
+//! use tower_backstop::{http::accept::RejectStatus, FallbackLayer};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> std::io::Result<()> {
+//! let database = Router::new().route("/user/{id}", get(|Path(id): Path<u32>| async move {
+//!     format!("user {id}")
+//! }));
+//! let cache = Router::new().route("/user/{id}", get(|| async { StatusCode::NOT_FOUND }));
+//! let app = FallbackLayer::new(database)
 //!     .accept(RejectStatus(StatusCode::NOT_FOUND))
 //!     .buffer_bodies()
 //!     .layer(cache);
-//! // Serve it with `axum::serve(listener, axum::ServiceExt::into_make_service(app))`.
-//! # let response = app.oneshot(Request::get("/item/7").body(Body::empty()).unwrap()).await.unwrap();
-//! # assert_eq!(response.status(), StatusCode::OK);
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, axum::ServiceExt::<axum::extract::Request>::into_make_service(app)).await
 //! # }
 //! ```
 //!
@@ -215,59 +242,81 @@
 pub mod accept;
 mod body;
 mod buffer;
+mod eligible;
 pub mod future;
 mod mark;
+#[cfg(feature = "axum")]
+mod reroute;
 
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use self::reroute::{Reroute, RerouteLayer};
 pub use self::{
     body::ReplayBody,
     buffer::{BufferBody, BufferBodyLayer, DEFAULT_MAX_BYTES},
+    eligible::{IdempotentMethods, SafeMethods},
     mark::{MarkFuture, MarkServedBy, MarkServedByLayer, ServedBy, X_SERVED_BY},
 };
 
 use crate::{Fallback, FallbackLayer};
-use tower_layer::Stack;
 
-impl<F, A, S> FallbackLayer<F, A, S> {
-    /// Buffers request bodies in front of the fallback, so that `http::Request`s with
-    /// streamed bodies can be cloned for it. Call it last: it returns a stack of this
-    /// layer inside a [`BufferBodyLayer`] with the default cap (64 KiB).
+impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
+    /// Buffers request bodies in front of the fallback, up to 64 KiB, so that
+    /// `http::Request`s with streamed bodies can be cloned for it.
     ///
-    /// Equivalent to `ServiceBuilder::new().layer(BufferBodyLayer::new()).layer(self)`.
-    /// See the [`http`](crate::http) module.
+    /// The layer then builds a [`BufferBody`] around the [`Fallback`], and both branches
+    /// receive `http::Request<`[`ReplayBody`]`>`. It can be called before or after any
+    /// other builder method; calling it again replaces the cap. Equivalent to
+    /// `ServiceBuilder::new().layer(BufferBodyLayer::new()).layer(layer)`. See the
+    /// [`http`](crate::http) module.
+    ///
+    /// Available with the `http` feature.
     #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
-    pub fn buffer_bodies(self) -> Stack<Self, BufferBodyLayer> {
-        Stack::new(self, BufferBodyLayer::new())
+    pub fn buffer_bodies(self) -> FallbackLayer<F, A, S, BufferBodyLayer, I> {
+        self.buffer_bodies_with(BufferBodyLayer::new())
     }
-}
 
-impl<F, A, S> FallbackLayer<F, A, S> {
+    /// Like [`buffer_bodies`](FallbackLayer::buffer_bodies), with a
+    /// [`BufferBodyLayer`] of your own, e.g. `BufferBodyLayer::new().max_bytes(1 << 20)`
+    /// for a 1 MiB cap.
+    ///
+    /// Available with the `http` feature.
+    #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+    pub fn buffer_bodies_with(
+        self,
+        buffer: BufferBodyLayer,
+    ) -> FallbackLayer<F, A, S, BufferBodyLayer, I> {
+        self.with_parts(|f, a, s, _, i| (f, a, s, buffer, i))
+    }
+
     /// Marks every response with the branch that served it: a [`ServedBy`] response
     /// extension, and with `header: Some(name)` (e.g. [`X_SERVED_BY`]) a header too.
     ///
-    /// Returns a stack that wraps the primary in [`MarkServedByLayer::primary`] inside
-    /// this layer, whose fallback is wrapped in [`MarkServedBy`]. The accept predicate
-    /// sees the marked primary response. Put [`BufferBodyLayer`] outside it when the
-    /// requests have bodies.
+    /// The primary is wrapped in [`MarkServedBy`] (inside the layer, so the accept
+    /// predicate sees the marked primary response) and the fallback in another. It can
+    /// be called before or after any other builder method, such as
+    /// [`buffer_bodies`](FallbackLayer::buffer_bodies).
+    ///
+    /// Available with the `http` feature.
     ///
     /// ```
     /// use axum::{body::Body, http::{Request, StatusCode}, routing::get, Router};
-    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower::ServiceExt;
     /// use tower_backstop::{
-    ///     http::{accept::RejectStatus, BufferBodyLayer, ServedBy, X_SERVED_BY},
+    ///     http::{accept::RejectStatus, ServedBy, X_SERVED_BY},
     ///     FallbackLayer,
     /// };
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
-    /// let origin = Router::new().route("/", get(|| async { "from the origin" }));
+    /// let origin = get(|| async { "from the origin" });
     /// let app = Router::new()
     ///     .route("/", get(|| async { StatusCode::NOT_FOUND }))
     ///     .layer(
-    ///         ServiceBuilder::new().layer(BufferBodyLayer::new()).layer(
-    ///             FallbackLayer::new(origin)
-    ///                 .accept(RejectStatus(StatusCode::NOT_FOUND))
-    ///                 .mark_served_by(Some(X_SERVED_BY)),
-    ///         ),
+    ///         FallbackLayer::new(origin)
+    ///             .accept(RejectStatus(StatusCode::NOT_FOUND))
+    ///             .mark_served_by(Some(X_SERVED_BY))
+    ///             .buffer_bodies(),
     ///     );
     ///
     /// let response = app.oneshot(Request::get("/").body(Body::empty()).unwrap()).await.unwrap();
@@ -279,19 +328,19 @@ impl<F, A, S> FallbackLayer<F, A, S> {
     pub fn mark_served_by(
         self,
         header: Option<http::HeaderName>,
-    ) -> Stack<MarkServedByLayer, FallbackLayer<MarkServedBy<F>, A, S>> {
+    ) -> FallbackLayer<MarkServedBy<F>, A, S, O, MarkServedByLayer> {
         let mut primary = MarkServedByLayer::primary();
         if let Some(name) = &header {
             primary = primary.header(name.clone());
         }
-        let layer = self.map_fallback(|fallback| {
+        self.with_parts(|fallback, a, s, o, _| {
             let marked = MarkServedBy::new(fallback, ServedBy::Fallback);
-            match header {
+            let marked = match header {
                 Some(name) => marked.header(name),
                 None => marked,
-            }
-        });
-        Stack::new(primary, layer)
+            };
+            (marked, a, s, o, primary)
+        })
     }
 }
 
@@ -299,6 +348,8 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     /// Wraps this service in a [`BufferBody`] with the default cap (64 KiB), so that it
     /// accepts `http::Request`s with streamed bodies. See the [`http`](crate::http)
     /// module.
+    ///
+    /// Available with the `http` feature.
     #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
     pub fn buffer_bodies(self) -> BufferBody<Self> {
         BufferBody::new(self)

@@ -244,6 +244,7 @@ impl Track {
             primary: self.verdict,
             fallback,
             launched: self.launched,
+            launched_after: self.launched_at.map(|at| at.duration_since(start)),
             budget_refused: self.budget_refused,
             fallback_first: self.fallback_first,
             primary_latency: self.primary_latency,

@@ -12,6 +12,8 @@ mod axum_stack;
 mod bad_input;
 mod buffer;
 mod cancel;
+mod framing;
+mod hostile_body;
 mod hyper_client;
 mod mark;
 mod stacking;
