@@ -255,20 +255,20 @@ where
         let primary_pending = this.primary.is_some();
 
         if primary_pending && !*this.launched {
+            if let Some(cold) = this.cold.get() {
+                // A delay that never runs out: only a rejection launches.
+                if !cold.primary_pending() {
+                    *this.plan = Plan::OnReject(Launched::AfterRejection);
+                }
+            }
             match *this.plan {
                 Plan::Now => {}
                 Plan::OnReject(_) => return Poll::Pending,
                 // A waiting plan always has a cold part, which holds the delay.
                 Plan::Wait(_) => {
                     if let Some(cold) = this.cold.get() {
-                        match cold.poll_launch_delay(cx) {
-                            Poll::Pending => return Poll::Pending,
-                            Poll::Ready(true) => {}
-                            // A delay that never runs out: only a rejection launches.
-                            Poll::Ready(false) => {
-                                *this.plan = Plan::OnReject(Launched::AfterRejection);
-                                return Poll::Pending;
-                            }
+                        if cold.poll_launch_delay(cx).is_pending() {
+                            return Poll::Pending;
                         }
                     }
                 }

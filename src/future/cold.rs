@@ -145,7 +145,7 @@ impl Cold {
         // the estimate is of the primary's latency, whatever happens to the fallback.
         #[cfg(feature = "adaptive")]
         if let crate::launch::Launch::Adaptive(adaptive) = &settings.launch {
-            parts.sampler = adaptive.sampler();
+            parts.sampler = Some(adaptive.sampler());
         }
         let _ = plan;
         parts.tracker = Tracker::start(settings.observers.as_ref());
@@ -209,28 +209,51 @@ impl Cold {
         &mut self.project().parts.tracker
     }
 
-    /// Waits out the launch delay from the first poll that finds the primary pending:
-    /// `Ready(true)` once it has run out, `Ready(false)` for a delay that never does.
+    /// The primary was found pending, and the fallback is not launched: starts what
+    /// counts from the first such poll — the launch delay, the adaptive sample — on one
+    /// clock read. `false` if the launch delay is too long to ever run out.
     #[inline(never)]
-    pub(crate) fn poll_launch_delay(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
-        let mut this = self.project();
+    pub(crate) fn primary_pending(self: Pin<&mut Self>) -> bool {
         #[cfg(feature = "time")]
-        if let Some(delay) = this.parts.delay.take() {
-            // The first pending poll: a primary that answers at once reads no clock.
-            match Plan::deadline(tokio::time::Instant::now(), delay) {
-                Some(deadline) => this.timer.set(Some(tokio::time::sleep_until(deadline))),
-                None => return Poll::Ready(false),
+        {
+            let mut this = self.project();
+            #[cfg(feature = "adaptive")]
+            let sampler_waits = this.parts.sampler.as_ref().is_some_and(|s| s.needs_start());
+            #[cfg(not(feature = "adaptive"))]
+            let sampler_waits = false;
+            if this.parts.delay.is_none() && !sampler_waits {
+                return true;
+            }
+            let now = tokio::time::Instant::now();
+            #[cfg(feature = "adaptive")]
+            if let Some(sampler) = &mut this.parts.sampler {
+                sampler.pending_at(now);
+            }
+            if let Some(delay) = this.parts.delay.take() {
+                match Plan::deadline(now, delay) {
+                    Some(deadline) => this.timer.set(Some(tokio::time::sleep_until(deadline))),
+                    None => return false,
+                }
             }
         }
+        #[cfg(not(feature = "time"))]
+        let _ = self;
+        true
+    }
+
+    /// Waits out the launch delay armed by [`primary_pending`](Cold::primary_pending):
+    /// `Ready` once it has run out (or if there is none).
+    #[inline(never)]
+    pub(crate) fn poll_launch_delay(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
         let Some(timer) = this.timer.as_mut().as_pin_mut() else {
-            // Nothing to wait for (cannot happen for a `Plan::Wait`): launch.
-            return Poll::Ready(true);
+            return Poll::Ready(());
         };
         if timer.poll(cx).is_pending() {
             return Poll::Pending;
         }
         this.timer.set(None);
-        Poll::Ready(true)
+        Poll::Ready(())
     }
 
     /// Asks the budget for one speculative launch, once: `false` if it refused.

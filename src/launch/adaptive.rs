@@ -1,4 +1,5 @@
 use std::{
+    cell::Cell,
     fmt,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -65,7 +66,17 @@ const MAX_WINDOW: u64 = u32::MAX as u64;
 /// # Cost
 ///
 /// All clones of an `Adaptive`, and so all the services a layer builds, share one
-/// estimate. Reading the delay is one atomic load. Recording a latency takes a lock
+/// estimate. Reading the delay is one atomic load.
+///
+/// A call is timed from the first poll that finds its primary pending — the moment its
+/// delay starts counting — to the primary's answer or its cut: two clock reads, the
+/// first shared with the delay. A primary that answers on its first poll was pending
+/// for no time and reads no clock: one such call in 8, picked at random per thread, is
+/// recorded, at 0, counting for 8 calls (so the window and the warm-up still count
+/// calls, and the percentile still weighs the instant answers at their share). Every
+/// call found pending is recorded.
+///
+/// Recording a latency takes a lock
 /// that is only ever *tried*: a sample that finds it busy is skipped and counted (see
 /// [`skipped`](Adaptive::skipped)) rather than making the request wait. A few times
 /// per half-window the recording call also re-estimates, walking the buckets between
@@ -194,13 +205,17 @@ impl Adaptive {
         self.inner.skipped.load(Ordering::Relaxed)
     }
 
-    /// A timer for this request's primary call, if it is sampled.
+    /// Times this request's primary call.
     #[inline]
-    pub(crate) fn sampler(&self) -> Option<Sampler> {
-        Some(Sampler::start(self))
+    pub(crate) fn sampler(&self) -> Sampler {
+        Sampler {
+            adaptive: self.clone(),
+            pending_since: None,
+        }
     }
 
-    fn record(&self, latency: Duration, answered: bool) {
+    /// Records `weight` calls of this latency.
+    fn record(&self, latency: Duration, answered: bool, weight: u32) {
         let e = &*self.inner;
         let mut recorder = match e.recorder.try_lock() {
             Ok(recorder) => recorder,
@@ -219,8 +234,8 @@ impl Adaptive {
 
         // Longer than 2^64 - 1 ns (584 years) counts as that long.
         let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-        current.record(bucket(nanos), answered);
-        *since_estimate += 1;
+        current.record(bucket(nanos), answered, weight);
+        *since_estimate += u64::from(weight);
 
         let half = e.window / 2;
         if current.len >= half {
@@ -305,15 +320,16 @@ impl Half {
         }
     }
 
-    fn record(&mut self, index: usize, answered: bool) {
+    fn record(&mut self, index: usize, answered: bool, weight: u32) {
         let count = &mut self.counts[index];
-        // A half holds fewer than `MAX_WINDOW` calls, so this never saturates.
+        // A half holds fewer than `MAX_WINDOW` calls (plus one weight), so this never
+        // saturates.
         if answered {
-            count.answered = count.answered.saturating_add(1);
+            count.answered = count.answered.saturating_add(weight);
         } else {
-            count.cut_short = count.cut_short.saturating_add(1);
+            count.cut_short = count.cut_short.saturating_add(weight);
         }
-        self.len += 1;
+        self.len += u64::from(weight);
         self.lowest = self.lowest.min(index);
         self.highest = self.highest.max(index);
     }
@@ -369,31 +385,79 @@ fn product_limit(a: &Half, b: &Half, quantile: f64) -> u64 {
     top(highest)
 }
 
-/// Times one primary call for the estimate.
+/// One in this many calls whose primary answers on its first poll is recorded, with
+/// this weight.
+const INSTANT_SAMPLE: u32 = 8;
+
+thread_local! {
+    /// The state of a per-thread xorshift generator that picks which instant answers are
+    /// recorded: random, so that no pattern of calls (two layers taking turns on one
+    /// thread, say) can hide one layer's calls from the sampling.
+    static PICK: Cell<u32> = const { Cell::new(0x9E37_79B9) };
+}
+
+/// Whether to record this instant answer: true for one in `INSTANT_SAMPLE`, at random.
+#[inline]
+fn pick_instant() -> bool {
+    PICK.try_with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        state.set(x);
+        x % INSTANT_SAMPLE == 0
+    })
+    .unwrap_or(false)
+}
+
+/// Times one primary call for the estimate, from the first poll that finds it pending —
+/// the moment a launch delay starts counting from — to its answer or its cut.
+///
+/// A call whose primary answers on its first poll was pending for no time at all: it
+/// reads no clock, and one in `INSTANT_SAMPLE` of them is recorded (picked at random,
+/// per thread) with a weight of `INSTANT_SAMPLE`, at 0. Every call that was found
+/// pending is recorded: those are the calls that read the clock anyway, to start their
+/// delay, and the ones the percentile is about.
 pub(crate) struct Sampler {
     adaptive: Adaptive,
-    start: Instant,
+    pending_since: Option<Instant>,
 }
 
 impl Sampler {
-    /// Starts timing a primary call now.
-    fn start(adaptive: &Adaptive) -> Self {
-        Sampler {
-            adaptive: adaptive.clone(),
-            start: Instant::now(),
-        }
+    /// The primary was found pending at `now`: the call is timed from the first such
+    /// poll.
+    #[inline]
+    pub(crate) fn pending_at(&mut self, now: Instant) {
+        self.pending_since.get_or_insert(now);
+    }
+
+    /// Whether the call is not being timed yet.
+    #[inline]
+    pub(crate) fn needs_start(&self) -> bool {
+        self.pending_since.is_none()
     }
 
     /// The primary answered now.
     pub(crate) fn record(self) {
-        self.adaptive.record(self.start.elapsed(), true);
+        self.finish(true);
     }
 
     /// The primary was dropped unanswered now: its latency is only known to exceed the
     /// time so far. Always recorded, as a cut-short (censored) sample, whatever the
     /// current estimate: see [`product_limit`].
     pub(crate) fn record_at_least(self) {
-        self.adaptive.record(self.start.elapsed(), false);
+        self.finish(false);
+    }
+
+    fn finish(self, answered: bool) {
+        match self.pending_since {
+            Some(since) => self.adaptive.record(since.elapsed(), answered, 1),
+            None if pick_instant() => {
+                self.adaptive
+                    .record(Duration::ZERO, answered, INSTANT_SAMPLE)
+            }
+            None => {}
+        }
     }
 }
 
