@@ -190,11 +190,11 @@ impl Settings {
     }
 
     /// Whether a request with this plan needs anything beyond the plan itself: a timer,
-    /// a budget to withdraw from, an adaptive sample, patience, an observer. A request
-    /// that needs none of them has no cold part.
+    /// a budget to withdraw from, an adaptive sample, patience, an observer. (A
+    /// `tracing` subscriber is checked apart: only one that listens needs a cold part.)
     #[inline]
     pub(crate) fn needs_cold(&self, plan: Plan) -> bool {
-        if self.observers.is_some() || crate::outcome::tracing_may_listen() {
+        if self.observers.is_some() {
             return true;
         }
         #[cfg(feature = "time")]

@@ -6,7 +6,7 @@
 
 use crate::{
     launch::{Plan, Settings, Timer},
-    outcome::{Served, Tracker},
+    outcome::{tracing_may_listen, Served, Tracker},
 };
 use pin_project_lite::pin_project;
 use std::{
@@ -66,10 +66,11 @@ impl ColdSlot {
     /// The cold part a request planned as `plan` needs under `settings`, if any.
     #[inline]
     pub(crate) fn new(settings: &Settings, plan: Plan) -> Self {
-        if !settings.needs_cold(plan) {
+        let needed = settings.needs_cold(plan);
+        if !needed && !tracing_may_listen() {
             return ColdSlot(None);
         }
-        ColdSlot(Some(Cold::take(settings, plan)))
+        ColdSlot(Cold::take(settings, plan, needed))
     }
 
     #[cfg(feature = "tracing")]
@@ -112,7 +113,13 @@ impl Cold {
     /// A cold part from this thread's free list (or a new one), filled for one request.
     #[cold]
     #[inline(never)]
-    fn take(settings: &Settings, plan: Plan) -> Pin<Box<Cold>> {
+    fn take(settings: &Settings, plan: Plan, needed: bool) -> Option<Pin<Box<Cold>>> {
+        let tracker = Tracker::start(settings.observers.as_ref());
+        // Only a `tracing` subscriber that may listen asked for this part, and none does
+        // on this thread.
+        if !needed && !tracker.is_observed() {
+            return None;
+        }
         let mut cold = POOL
             .try_with(|pool| pool.try_borrow_mut().ok()?.pop())
             .ok()
@@ -148,8 +155,8 @@ impl Cold {
             parts.sampler = Some(adaptive.sampler());
         }
         let _ = plan;
-        parts.tracker = Tracker::start(settings.observers.as_ref());
-        cold
+        parts.tracker = tracker;
+        Some(cold)
     }
 
     /// Reports an unfinished request as abandoned, empties the cold part and puts it

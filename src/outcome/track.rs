@@ -126,6 +126,12 @@ impl Tracker {
         }
     }
 
+    /// Whether anything observes this request.
+    #[inline]
+    pub(crate) fn is_observed(&self) -> bool {
+        self.track.is_some()
+    }
+
     /// The request's span, to enter for one poll (a clone: the poll goes on to update
     /// the tracker while the span is entered). `None` if there is no span to enter.
     #[cfg(feature = "tracing")]
