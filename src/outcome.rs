@@ -9,7 +9,8 @@
 //!   [`Outcome`] for every finished request — including one whose response future the
 //!   caller dropped.
 //! - [`Fallback::stats`](crate::Fallback::stats) counts outcomes into a shared
-//!   [`Stats`] handle: a few atomic counters, readable from anywhere.
+//!   [`Stats`] handle: one atomic add per request and no clock, readable from
+//!   anywhere.
 //!
 //! With the `tracing` feature, each request also gets a `backstop` span at debug level,
 //! entered while its future is polled, carrying the outcome's fields, and a debug
