@@ -158,9 +158,10 @@ where
 
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        #[cfg(feature = "tracing")]
+        // The same check whatever features are compiled in: a request whose layer uses
+        // nothing optional never leaves the hot path.
         if self.cold.is_some() {
-            return self.poll_in_span(cx);
+            return self.poll_cold(cx);
         }
         self.poll_guarded(cx)
     }
@@ -172,12 +173,17 @@ where
     F: Service<Req, Response = T, Error = E>,
     A: Accept<T, E>,
 {
-    /// A poll of a request with a cold part, inside its `tracing` span if it has one.
-    #[cfg(feature = "tracing")]
+    /// A poll of a request with a cold part: one clock reading for the whole poll (if
+    /// the request is timed at all), inside the request's `tracing` span if it has one.
     #[inline(never)]
-    fn poll_in_span(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
+    fn poll_cold(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
+        if let Some(cold) = self.as_mut().project().cold.get() {
+            cold.tracker().new_poll();
+        }
         // A clone: the poll goes on to update the tracker while the span is entered.
+        #[cfg(feature = "tracing")]
         let span = self.cold.span();
+        #[cfg(feature = "tracing")]
         let _entered = span.as_ref().map(tracing::Span::enter);
         self.poll_guarded(cx)
     }

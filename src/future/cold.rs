@@ -73,7 +73,6 @@ impl ColdSlot {
         ColdSlot(Cold::take(settings, plan, needed))
     }
 
-    #[cfg(feature = "tracing")]
     #[inline(always)]
     pub(crate) fn is_some(&self) -> bool {
         self.0.is_some()
@@ -114,12 +113,6 @@ impl Cold {
     #[cold]
     #[inline(never)]
     fn take(settings: &Settings, plan: Plan, needed: bool) -> Option<Pin<Box<Cold>>> {
-        let tracker = Tracker::start(settings.observers.as_ref());
-        // Only a `tracing` subscriber that may listen asked for this part, and none does
-        // on this thread.
-        if !needed && !tracker.is_observed() {
-            return None;
-        }
         let mut cold = POOL
             .try_with(|pool| pool.try_borrow_mut().ok()?.pop())
             .ok()
@@ -130,7 +123,16 @@ impl Cold {
                     parts: Parts::default(),
                 })
             });
+        // Every field is set here: a pooled part holds stale plain data, and no handle
+        // but a `Stats` (see `Tracker::stats`).
         let parts = cold.as_mut().project().parts;
+        let observed = parts.tracker.start(settings.observers.as_ref());
+        // Only a `tracing` subscriber that may listen asked for this part, and none does
+        // on this thread.
+        if !needed && !observed {
+            Cold::recycle(cold);
+            return None;
+        }
         #[cfg(feature = "time")]
         {
             parts.patience = settings.patience;
@@ -145,22 +147,27 @@ impl Cold {
             };
         }
         #[cfg(feature = "budget")]
-        if plan.may_speculate() {
-            parts.budget.clone_from(&settings.budget);
+        {
+            parts.budget = match plan.may_speculate() {
+                true => settings.budget.clone(),
+                false => None,
+            };
         }
-        // Every primary call under an adaptive launch may be sampled, eligible or not:
-        // the estimate is of the primary's latency, whatever happens to the fallback.
+        // Every primary call under an adaptive launch is timed or sampled, eligible or
+        // not: the estimate is of the primary's latency, whatever happens to the fallback.
         #[cfg(feature = "adaptive")]
-        if let crate::launch::Launch::Adaptive(adaptive) = &settings.launch {
-            parts.sampler = Some(adaptive.sampler());
+        {
+            parts.sampler = match &settings.launch {
+                crate::launch::Launch::Adaptive(adaptive) => Some(adaptive.sampler()),
+                _ => None,
+            };
         }
         let _ = plan;
-        parts.tracker = tracker;
         Some(cold)
     }
 
-    /// Reports an unfinished request as abandoned, empties the cold part and puts it
-    /// back on the free list.
+    /// Reports an unfinished request as abandoned, drops every handle the part holds
+    /// (but a `Stats`) and puts it back on the free list.
     #[cold]
     #[inline(never)]
     fn recycle(mut cold: Pin<Box<Cold>>) {
@@ -173,10 +180,14 @@ impl Cold {
         }
         // Runs the outcome hook, which may panic: then the cold part is simply freed.
         this.parts.tracker.finish(Served::Abandoned);
-        this.timer.set(None);
-        // Drops the budget and observer handles before the part is pooled: a pooled part
-        // keeps nothing of any layer alive.
-        *this.parts = Parts::default();
+        if this.timer.is_some() {
+            this.timer.set(None);
+        }
+        // The budget goes before the part is pooled: a pooled part keeps no layer alive.
+        #[cfg(feature = "budget")]
+        {
+            this.parts.budget = None;
+        }
         let _ = POOL.try_with(|pool| {
             if let Ok(mut pool) = pool.try_borrow_mut() {
                 if pool.len() < POOL_CAP {

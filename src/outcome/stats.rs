@@ -174,6 +174,12 @@ impl Stats {
         snapshot
     }
 
+    /// Whether `self` and `other` are handles on the same counters.
+    #[inline]
+    pub(crate) fn same(&self, other: &Stats) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     #[inline]
     pub(crate) fn count(&self, class: Class) {
         self.inner.by_class[class.index()].fetch_add(1, Relaxed);

@@ -51,33 +51,77 @@ enum Stage {
     Unready,
 }
 
-/// One request's record, kept in the cold part of its response future. `None` when
-/// nobody observes, so that every method is a single branch.
-#[derive(Default)]
+/// One request's record, kept in the cold part of its response future.
+///
+/// What `Stats` needs — how far the fallback got, why it started, the budget's refusal —
+/// is a few bytes, updated in place. The rest (observers, clock readings, latencies, the
+/// span) is in `timed`, `Some` only for a hook, `metrics` or a listening `tracing`
+/// subscriber: counting reads no clock.
 pub(crate) struct Tracker {
-    track: Option<Track>,
-}
-
-struct Track {
-    observers: Option<Arc<Observers>>,
-    /// When the request was called: `Some` only if an observer wants latencies.
-    start: Option<Instant>,
+    /// Observed and not reported yet: every update below is one branch on it.
+    active: bool,
     stage: Stage,
     verdict: Verdict,
     launched: Option<Launched>,
-    launched_at: Option<Instant>,
     budget_refused: bool,
     fallback_first: bool,
+    /// The layer's `Stats`, if it counts. Kept when the cold part is pooled, and reused
+    /// by the next request of a layer with the same `Stats`: counting then costs no
+    /// reference-count traffic. (It holds counters only: keeping it runs no user code
+    /// and keeps nothing else of the layer alive.)
+    stats: Option<Stats>,
+    timed: Option<Timed>,
+    /// The one clock reading of the current poll: every time taken during one poll is
+    /// this one. Cleared by [`new_poll`](Tracker::new_poll).
+    reading: Option<Instant>,
+}
+
+/// What only the observers that want an `Outcome` need.
+struct Timed {
+    /// A hook or `metrics`, if any (`Stats` is kept apart).
+    observers: Option<Arc<Observers>>,
+    /// When the request was called.
+    start: Instant,
+    launched_at: Option<Instant>,
     primary_latency: Option<Duration>,
     fallback_latency: Option<Duration>,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
 }
 
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            active: false,
+            stage: Stage::Waiting,
+            verdict: Verdict::Pending,
+            launched: None,
+            budget_refused: false,
+            fallback_first: false,
+            stats: None,
+            timed: None,
+            reading: None,
+        }
+    }
+}
+
 impl Tracker {
-    /// Starts the record of a request `observers` (or a `tracing` subscriber) observe.
+    /// Starts the record of a request `observers` (or a `tracing` subscriber) observe;
+    /// returns whether anything does.
     #[inline(never)]
-    pub(crate) fn start(observers: Option<&Arc<Observers>>) -> Self {
+    pub(crate) fn start(&mut self, observers: Option<&Arc<Observers>>) -> bool {
+        match observers.and_then(|o| o.stats.as_ref()) {
+            Some(stats) if self.stats.as_ref().is_some_and(|kept| kept.same(stats)) => {}
+            Some(stats) => self.stats = Some(stats.clone()),
+            None => self.stats = None,
+        }
+        self.reading = None;
+        self.stage = Stage::Waiting;
+        self.verdict = Verdict::Pending;
+        self.launched = None;
+        self.budget_refused = false;
+        self.fallback_first = false;
+
         // No span at all unless a subscriber may want it: making one costs even when
         // nobody listens.
         #[cfg(feature = "tracing")]
@@ -104,39 +148,37 @@ impl Tracker {
         #[cfg(not(feature = "tracing"))]
         let listening = false;
 
-        if observers.is_none() && !listening {
-            return Tracker { track: None };
-        }
-        let timed = listening || observers.is_some_and(|o| o.want_latencies());
-        Tracker {
-            track: Some(Track {
-                observers: observers.cloned(),
-                start: timed.then(Instant::now),
-                stage: Stage::Waiting,
-                verdict: Verdict::Pending,
-                launched: None,
-                launched_at: None,
-                budget_refused: false,
-                fallback_first: false,
-                primary_latency: None,
-                fallback_latency: None,
-                #[cfg(feature = "tracing")]
-                span,
-            }),
-        }
+        self.active = observers.is_some() || listening;
+        let observers = observers.filter(|o| o.want_latencies());
+        self.timed = (listening || observers.is_some()).then(|| Timed {
+            observers: observers.cloned(),
+            start: Instant::now(),
+            launched_at: None,
+            primary_latency: None,
+            fallback_latency: None,
+            #[cfg(feature = "tracing")]
+            span,
+        });
+        self.active
     }
 
-    /// Whether anything observes this request.
+    /// A poll begins: times taken from now on read the clock again (once).
     #[inline]
-    pub(crate) fn is_observed(&self) -> bool {
-        self.track.is_some()
+    pub(crate) fn new_poll(&mut self) {
+        self.reading = None;
+    }
+
+    /// The time, for a timed request: one clock reading per poll.
+    #[inline]
+    fn now(reading: &mut Option<Instant>) -> Instant {
+        *reading.get_or_insert_with(Instant::now)
     }
 
     /// The request's span, to enter for one poll (a clone: the poll goes on to update
     /// the tracker while the span is entered). `None` if there is no span to enter.
     #[cfg(feature = "tracing")]
     pub(crate) fn span(&self) -> Option<tracing::Span> {
-        self.track
+        self.timed
             .as_ref()
             .filter(|t| !t.span.is_none())
             .map(|t| t.span.clone())
@@ -144,11 +186,11 @@ impl Tracker {
 
     #[inline]
     pub(crate) fn launched(&mut self, why: Launched) {
-        if let Some(t) = &mut self.track {
-            t.stage = Stage::Launched;
-            t.launched = Some(why);
-            if t.start.is_some() {
-                t.launched_at = Some(Instant::now());
+        if self.active {
+            self.stage = Stage::Launched;
+            self.launched = Some(why);
+            if let Some(t) = &mut self.timed {
+                t.launched_at = Some(Tracker::now(&mut self.reading));
             }
         }
     }
@@ -156,33 +198,33 @@ impl Tracker {
     #[cfg(feature = "budget")]
     #[inline]
     pub(crate) fn budget_refused(&mut self) {
-        if let Some(t) = &mut self.track {
-            t.budget_refused = true;
-        }
+        self.budget_refused = true;
     }
 
     #[inline]
     pub(crate) fn called(&mut self) {
-        if let Some(t) = &mut self.track {
-            t.stage = Stage::Called;
-        }
+        self.stage = Stage::Called;
     }
 
     /// The fallback's `poll_ready` failed: its error is its answer, but it did no work.
     #[inline]
     pub(crate) fn fallback_unready(&mut self) {
-        if let Some(t) = &mut self.track {
-            t.stage = Stage::Unready;
-            t.fallback_latency = t.launched_at.map(|at| at.elapsed());
-        }
+        self.stage = Stage::Unready;
+        self.fallback_latency();
     }
 
     #[inline]
     pub(crate) fn fallback_answered(&mut self, primary_pending: bool) {
-        if let Some(t) = &mut self.track {
-            t.stage = Stage::Answered;
-            t.fallback_first = primary_pending;
-            t.fallback_latency = t.launched_at.map(|at| at.elapsed());
+        self.stage = Stage::Answered;
+        self.fallback_first = primary_pending;
+        self.fallback_latency();
+    }
+
+    #[inline]
+    fn fallback_latency(&mut self) {
+        if let (true, Some(t)) = (self.active, &mut self.timed) {
+            let now = Tracker::now(&mut self.reading);
+            t.fallback_latency = t.launched_at.map(|at| now.saturating_duration_since(at));
         }
     }
 
@@ -192,36 +234,34 @@ impl Tracker {
     /// [`judged`]: Tracker::judged
     #[inline]
     pub(crate) fn primary_answered(&mut self) {
-        if let Some(t) = &mut self.track {
-            t.primary_latency = t.start.map(|start| start.elapsed());
-            t.verdict = Verdict::Panicked;
+        self.verdict = Verdict::Panicked;
+        if let (true, Some(t)) = (self.active, &mut self.timed) {
+            let now = Tracker::now(&mut self.reading);
+            t.primary_latency = Some(now.saturating_duration_since(t.start));
         }
     }
 
     /// The predicate returned its verdict on the primary's answer.
     #[inline]
     pub(crate) fn judged(&mut self, accepted: bool) {
-        if let Some(t) = &mut self.track {
-            t.verdict = if accepted {
-                Verdict::Accepted
-            } else {
-                Verdict::Rejected
-            };
-        }
+        self.verdict = if accepted {
+            Verdict::Accepted
+        } else {
+            Verdict::Rejected
+        };
     }
 
     /// Reports the request as finished. Later calls, and the drop, report nothing.
     #[inline]
     pub(crate) fn finish(&mut self, served: Served) {
-        if let Some(t) = self.track.take() {
-            t.report(served);
+        if self.active {
+            self.active = false;
+            self.report(served);
         }
     }
-}
 
-impl Track {
     #[inline(never)]
-    fn report(self, served: Served) {
+    fn report(&mut self, served: Served) {
         let fallback = match (served, self.stage) {
             (Served::Fallback, _) => Fate::Served,
             (_, Stage::Waiting) => Fate::NotLaunched,
@@ -230,38 +270,40 @@ impl Track {
             (_, Stage::Answered) => Fate::Discarded,
             (_, Stage::Unready) => Fate::ReadinessFailed,
         };
-        let class = Class {
-            served,
-            fallback,
-            launched: self.launched,
-            budget_refused: self.budget_refused,
-            fallback_first: self.fallback_first,
-        };
-        let observers = self.observers.as_deref();
-        if let Some(stats) = observers.and_then(|o| o.stats.as_ref()) {
-            stats.count(class);
+        if let Some(stats) = &self.stats {
+            stats.count(Class {
+                served,
+                fallback,
+                launched: self.launched,
+                budget_refused: self.budget_refused,
+                fallback_first: self.fallback_first,
+            });
         }
         // Only the observers that want latencies get an `Outcome`; counting needs none.
-        let Some(start) = self.start else {
+        // Taken, so that a panicking hook leaves nothing to report twice.
+        let Some(t) = self.timed.take() else {
             return;
         };
+        let end = Tracker::now(&mut self.reading);
         let outcome = Outcome {
             served,
             primary: self.verdict,
             fallback,
             launched: self.launched,
-            launched_after: self.launched_at.map(|at| at.duration_since(start)),
+            launched_after: t
+                .launched_at
+                .map(|at| at.saturating_duration_since(t.start)),
             budget_refused: self.budget_refused,
             fallback_first: self.fallback_first,
-            primary_latency: self.primary_latency,
-            fallback_latency: self.fallback_latency,
-            elapsed: start.elapsed(),
+            primary_latency: t.primary_latency,
+            fallback_latency: t.fallback_latency,
+            elapsed: end.saturating_duration_since(t.start),
         };
         #[cfg(feature = "tracing")]
-        if !self.span.is_none() {
-            super::export::trace(&self.span, &outcome);
+        if !t.span.is_none() {
+            super::export::trace(&t.span, &outcome);
         }
-        let Some(observers) = observers else {
+        let Some(observers) = t.observers.as_deref() else {
             return;
         };
         #[cfg(feature = "metrics")]
@@ -298,7 +340,7 @@ impl Drop for Tracker {
 impl fmt::Debug for Tracker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tracker")
-            .field("observed", &self.track.is_some())
+            .field("observed", &self.active)
             .finish()
     }
 }
