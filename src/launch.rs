@@ -136,7 +136,11 @@ impl<Req> Eligible<Req> for AnyRequest {
 pub(crate) type SharedBudget = Arc<dyn tower::retry::budget::Budget + Send + Sync>;
 
 /// Launch settings shared by a layer and every service it builds.
-#[derive(Clone, Default)]
+///
+/// The fields are read anywhere in the crate but written only through the setters,
+/// which precompute what `call` needs: two bytes to read per request, the same whatever
+/// features are compiled in.
+#[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) launch: Launch,
     #[cfg(feature = "budget")]
@@ -146,6 +150,39 @@ pub(crate) struct Settings {
     /// `None` until an observer is set: one pointer for a request to check, and to
     /// clone if observed.
     pub(crate) observers: Option<Arc<Observers>>,
+    /// The plan of an ineligible request, and of an eligible one.
+    plans: [Plan; 2],
+    /// Which requests need a cold part (a `tracing` subscriber aside).
+    cold: NeedsCold,
+    /// Whether a request's cold part holds anything of the launch: a delay, patience, a
+    /// budget or an adaptive sample (rather than observers alone).
+    pub(crate) launch_state: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NeedsCold {
+    Never,
+    /// Only requests that may speculate: to withdraw from the budget.
+    IfSpeculating,
+    Always,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let mut settings = Settings {
+            launch: Launch::default(),
+            #[cfg(feature = "budget")]
+            budget: None,
+            #[cfg(feature = "time")]
+            patience: None,
+            observers: None,
+            plans: [Plan::Now; 2],
+            cold: NeedsCold::Never,
+            launch_state: false,
+        };
+        settings.refresh();
+        settings
+    }
 }
 
 impl fmt::Debug for Settings {
@@ -162,30 +199,79 @@ impl fmt::Debug for Settings {
 }
 
 impl Settings {
+    pub(crate) fn set_launch(&mut self, launch: Launch) {
+        self.launch = launch;
+        self.refresh();
+    }
+
+    #[cfg(feature = "budget")]
+    pub(crate) fn set_budget(&mut self, budget: SharedBudget) {
+        self.budget = Some(budget);
+        self.refresh();
+    }
+
+    #[cfg(feature = "time")]
+    pub(crate) fn set_patience(&mut self, patience: Duration) {
+        self.patience = Some(patience);
+        self.refresh();
+    }
+
     /// The observers, to add one to.
     pub(crate) fn observers_mut(&mut self) -> &mut Observers {
+        self.cold = NeedsCold::Always;
         Arc::make_mut(self.observers.get_or_insert_with(Default::default))
+    }
+
+    /// Recomputes what `call` reads.
+    fn refresh(&mut self) {
+        let eligible = match &self.launch {
+            Launch::Concurrent => Plan::Now,
+            Launch::Sequential => Plan::OnReject(Launched::AfterRejection),
+            #[cfg(feature = "time")]
+            Launch::Delayed(_) => Plan::Wait(Launched::Delayed),
+            #[cfg(feature = "adaptive")]
+            Launch::Adaptive(_) => Plan::Wait(Launched::Adaptive),
+        };
+        // Sequential never speculates: eligibility makes no difference to it.
+        let ineligible = match eligible {
+            Plan::OnReject(_) => eligible,
+            _ => Plan::OnReject(Launched::NotEligible),
+        };
+        self.plans = [ineligible, eligible];
+
+        // A delay waits on a timer; an adaptive launch also samples every request.
+        let launch = matches!(eligible, Plan::Wait(_));
+        #[cfg(feature = "time")]
+        let launch = launch || self.patience.is_some();
+        #[cfg(feature = "budget")]
+        let budget = self.budget.is_some();
+        #[cfg(not(feature = "budget"))]
+        let budget = false;
+        self.launch_state = launch || budget;
+        let always = launch || self.observers.is_some();
+        self.cold = match (always, budget) {
+            (true, _) => NeedsCold::Always,
+            (false, true) => NeedsCold::IfSpeculating,
+            (false, false) => NeedsCold::Never,
+        };
     }
 
     /// Plans one request: called once per request, in `call`, after all the user code
     /// `call` runs. Deposits into the budget.
     #[inline]
     pub(crate) fn plan(&self, eligible: bool) -> Plan {
+        if self.cold != NeedsCold::Never {
+            self.deposit();
+        }
+        self.plans[usize::from(eligible)]
+    }
+
+    /// Every request deposits into the budget, if there is one.
+    #[inline(never)]
+    fn deposit(&self) {
         #[cfg(feature = "budget")]
         if let Some(budget) = &self.budget {
             budget.deposit();
-        }
-        match &self.launch {
-            Launch::Concurrent if !eligible => Plan::OnReject(Launched::NotEligible),
-            Launch::Concurrent => Plan::Now,
-            // Sequential never speculates: eligibility makes no difference to it.
-            Launch::Sequential => Plan::OnReject(Launched::AfterRejection),
-            #[cfg(feature = "time")]
-            _ if !eligible => Plan::OnReject(Launched::NotEligible),
-            #[cfg(feature = "time")]
-            Launch::Delayed(_) => Plan::Wait(Launched::Delayed),
-            #[cfg(feature = "adaptive")]
-            Launch::Adaptive(_) => Plan::Wait(Launched::Adaptive),
         }
     }
 
@@ -194,23 +280,11 @@ impl Settings {
     /// `tracing` subscriber is checked apart: only one that listens needs a cold part.)
     #[inline]
     pub(crate) fn needs_cold(&self, plan: Plan) -> bool {
-        if self.observers.is_some() {
-            return true;
+        match self.cold {
+            NeedsCold::Never => false,
+            NeedsCold::IfSpeculating => !matches!(plan, Plan::OnReject(_)),
+            NeedsCold::Always => true,
         }
-        #[cfg(feature = "time")]
-        if self.patience.is_some() || matches!(plan, Plan::Wait(_)) {
-            return true;
-        }
-        #[cfg(feature = "adaptive")]
-        if matches!(self.launch, Launch::Adaptive(_)) {
-            return true;
-        }
-        #[cfg(feature = "budget")]
-        if self.budget.is_some() && plan.may_speculate() {
-            return true;
-        }
-        let _ = plan;
-        false
     }
 }
 

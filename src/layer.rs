@@ -118,7 +118,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     /// Sets when the fallback starts. Default: [`Launch::Concurrent`].
     /// See [`Fallback::launch`].
     pub fn launch(mut self, launch: Launch) -> Self {
-        self.settings.launch = launch;
+        self.settings.set_launch(launch);
         self
     }
 
@@ -158,7 +158,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     where
         B: crate::budget::Budget + Send + Sync + 'static,
     {
-        self.settings.budget = Some(budget);
+        self.settings.set_budget(budget);
         self
     }
 
@@ -186,7 +186,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     #[cfg(feature = "time")]
     #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
     pub fn patience(mut self, patience: std::time::Duration) -> Self {
-        self.settings.patience = Some(patience);
+        self.settings.set_patience(patience);
         self
     }
 }

@@ -169,7 +169,7 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     /// See the [`launch`](crate::launch) module for what each policy costs in extra
     /// fallback load and saves in latency.
     pub fn launch(mut self, launch: Launch) -> Self {
-        self.settings.launch = launch;
+        self.settings.set_launch(launch);
         self
     }
 
@@ -201,7 +201,7 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     where
         B: tower::retry::budget::Budget + Send + Sync + 'static,
     {
-        self.settings.budget = Some(budget);
+        self.settings.set_budget(budget);
         self
     }
 
@@ -236,7 +236,7 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     #[cfg(feature = "time")]
     #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
     pub fn patience(mut self, patience: std::time::Duration) -> Self {
-        self.settings.patience = Some(patience);
+        self.settings.set_patience(patience);
         self
     }
 

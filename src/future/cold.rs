@@ -123,15 +123,21 @@ impl Cold {
                     parts: Parts::default(),
                 })
             });
-        // Every field is set here: a pooled part holds stale plain data, and no handle
-        // but a `Stats` (see `Tracker::stats`).
+        // A pooled part holds stale tracker data, which `start` resets, and no handle but
+        // a `Stats` (see `Tracker::stats`).
         let parts = cold.as_mut().project().parts;
-        let observed = parts.tracker.start(settings.observers.as_ref());
+        let observed = parts
+            .tracker
+            .start_unless_observed(settings.observers.as_ref());
         // Only a `tracing` subscriber that may listen asked for this part, and none does
         // on this thread.
         if !needed && !observed {
             Cold::recycle(cold);
             return None;
+        }
+        // A pooled part holds no delay, patience, budget or sampler (see `recycle`).
+        if !settings.launch_state {
+            return Some(cold);
         }
         #[cfg(feature = "time")]
         {
@@ -187,6 +193,11 @@ impl Cold {
         #[cfg(feature = "budget")]
         {
             this.parts.budget = None;
+        }
+        #[cfg(feature = "time")]
+        {
+            this.parts.delay = None;
+            this.parts.patience = None;
         }
         let _ = POOL.try_with(|pool| {
             if let Ok(mut pool) = pool.try_borrow_mut() {

@@ -85,8 +85,9 @@ struct Timed {
     launched_at: Option<Instant>,
     primary_latency: Option<Duration>,
     fallback_latency: Option<Duration>,
+    /// The request's span, if a subscriber listens.
     #[cfg(feature = "tracing")]
-    span: tracing::Span,
+    span: Option<tracing::Span>,
 }
 
 impl Default for Tracker {
@@ -125,26 +126,13 @@ impl Tracker {
         // No span at all unless a subscriber may want it: making one costs even when
         // nobody listens.
         #[cfg(feature = "tracing")]
-        let span = if !tracing_may_listen() {
-            tracing::Span::none()
+        let span = if tracing_may_listen() {
+            listening_span()
         } else {
-            tracing::debug_span!(
-                "backstop",
-                served = tracing::field::Empty,
-                primary = tracing::field::Empty,
-                fallback = tracing::field::Empty,
-                launched = tracing::field::Empty,
-                budget_refused = tracing::field::Empty,
-                fallback_first = tracing::field::Empty,
-                primary_latency_us = tracing::field::Empty,
-                fallback_latency_us = tracing::field::Empty,
-            )
+            None
         };
-        // A callsite once enabled by any subscriber makes spans even where none listens;
-        // those go to the no-op subscriber and are not worth tracking for.
         #[cfg(feature = "tracing")]
-        let listening = !span.is_disabled()
-            && !tracing::dispatcher::get_default(|d| d.is::<tracing::subscriber::NoSubscriber>());
+        let listening = span.is_some();
         #[cfg(not(feature = "tracing"))]
         let listening = false;
 
@@ -160,6 +148,18 @@ impl Tracker {
             span,
         });
         self.active
+    }
+
+    /// Starts the record of a request nobody observes (unless a `tracing` subscriber
+    /// listens): the common case, kept short.
+    #[inline]
+    pub(crate) fn start_unless_observed(&mut self, observers: Option<&Arc<Observers>>) -> bool {
+        if observers.is_none() && !tracing_may_listen() {
+            self.active = false;
+            self.stats = None;
+            return false;
+        }
+        self.start(observers)
     }
 
     /// A poll begins: times taken from now on read the clock again (once).
@@ -178,10 +178,10 @@ impl Tracker {
     /// the tracker while the span is entered). `None` if there is no span to enter.
     #[cfg(feature = "tracing")]
     pub(crate) fn span(&self) -> Option<tracing::Span> {
-        self.timed
-            .as_ref()
-            .filter(|t| !t.span.is_none())
-            .map(|t| t.span.clone())
+        if !self.active {
+            return None;
+        }
+        self.timed.as_ref()?.span.clone()
     }
 
     #[inline]
@@ -300,8 +300,8 @@ impl Tracker {
             elapsed: end.saturating_duration_since(t.start),
         };
         #[cfg(feature = "tracing")]
-        if !t.span.is_none() {
-            super::export::trace(&t.span, &outcome);
+        if let Some(span) = &t.span {
+            super::export::trace(span, &outcome);
         }
         let Some(observers) = t.observers.as_deref() else {
             return;
@@ -314,6 +314,28 @@ impl Tracker {
             hook(&outcome);
         }
     }
+}
+
+/// The request's span, if a subscriber listens for it.
+#[cfg(feature = "tracing")]
+#[inline(never)]
+fn listening_span() -> Option<tracing::Span> {
+    let span = tracing::debug_span!(
+        "backstop",
+        served = tracing::field::Empty,
+        primary = tracing::field::Empty,
+        fallback = tracing::field::Empty,
+        launched = tracing::field::Empty,
+        budget_refused = tracing::field::Empty,
+        fallback_first = tracing::field::Empty,
+        primary_latency_us = tracing::field::Empty,
+        fallback_latency_us = tracing::field::Empty,
+    );
+    // A callsite once enabled by any subscriber makes spans even where none listens;
+    // those go to the no-op subscriber and are not worth tracking for.
+    let listening = !span.is_disabled()
+        && !tracing::dispatcher::get_default(|d| d.is::<tracing::subscriber::NoSubscriber>());
+    listening.then_some(span)
 }
 
 /// Whether a `tracing` subscriber may want the request's span: a cheap check of the
