@@ -17,10 +17,11 @@
 //!
 //! - Requests without a body (`GET`, `HEAD`, ...) are passed on at once: nothing is read
 //!   or allocated.
-//! - A body over the cap (64 KiB by default) is answered `413 Payload Too Large`
-//!   without calling either branch, refused before it is read when its
-//!   `Content-Length` says so. A body that fails while being read is answered
-//!   `400 Bad Request`. Both are responses, so the error type is not widened: an axum
+//! - A body over the cap (64 KiB by default, trailers included) is answered
+//!   `413 Payload Too Large` without calling either branch, refused before it is read
+//!   when its `Content-Length` says so. A body that fails while being read, or whose
+//!   `Content-Length` / `Transfer-Encoding` is invalid or contradicts the bytes it
+//!   sends, is answered `400 Bad Request` (see [`BufferBody`]). Both are responses, so the error type is not widened: an axum
 //!   stack stays `Infallible`, and needs no `HandleErrorLayer`.
 //!
 //! The [`accept`] module has predicates that judge the primary's answer by its HTTP
@@ -218,7 +219,9 @@
 //! around the layer (for example with a separate channel for them).
 //!
 //! A gRPC request over the cap is answered `RESOURCE_EXHAUSTED`, one whose body fails
-//! `INTERNAL`, both as trailers-only gRPC responses. The limit of judging gRPC answers
+//! (or contradicts its framing) `INTERNAL`, both as trailers-only gRPC responses; a
+//! gRPC-Web request gets the same statuses under a gRPC-Web content type. The
+//! `content-type` is matched without regard to case (RFC 9110 §8.3.1). The limit of judging gRPC answers
 //! by their head is described in [`accept`](accept#grpc).
 //!
 //! # Stacking with timeouts and retries
