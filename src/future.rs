@@ -12,12 +12,16 @@
 // it: such a request never touches it, and no `#[cfg(feature)]` field appears in the
 // hot part, so compiling features in changes neither its size nor its code.
 //
-// The cold part is a `Pin<Box<Cold>>` taken from a bounded per-thread free list at
-// `call` and emptied and put back when the future is dropped, so it allocates only
+// The cold part is a `Pin<Box<Cold>>` taken from a bounded per-thread free list (256)
+// at `call` and emptied and put back when the future is dropped, so it allocates only
 // when the list is empty (warm-up, or more than that many such futures alive on one
 // thread at once). `Cold` is one concrete type whatever the services are, which is
 // what makes one free list serve every layer; `Pin<Box<_>>` and pin-project keep it
-// free of `unsafe`.
+// free of `unsafe`. Emptying drops every handle on a layer (budget, hook, sampler,
+// span) so that a pooled part keeps no layer alive — except a `Stats`, which is only
+// counters and is kept for the next request of the same layer: counting then costs no
+// reference-count traffic, just one atomic add. Every time a timed request takes
+// during one poll is one clock reading.
 //
 // The other road was a type-level split: the builder picks a future type per
 // configuration (`Option<Sleep>` only when a delay is set, a tracker only with
