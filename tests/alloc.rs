@@ -512,13 +512,26 @@ fn recycled_cold_parts_keep_nothing_of_a_layer_alive() {
     use tower::retry::budget::TpsBudget;
     // A hit never withdraws, so its cold part still holds the budget when the future is
     // dropped: emptying the part before it is pooled lets the budget go with the layer.
+    // The hook's closure goes with it too.
     let budget = Arc::new(TpsBudget::default());
-    let mut svc = layer().shared_budget(Arc::clone(&budget)).layer(Cache);
+    let in_hook = Arc::new(());
+    let held = Arc::clone(&in_hook);
+    let mut svc = layer()
+        .shared_budget(Arc::clone(&budget))
+        .on_outcome(move |_: &Outcome| {
+            let _ = &held;
+        })
+        .layer(Cache);
     assert_eq!(serve_polling(&mut svc, 0), Ok(Some(0)));
     drop(svc);
     assert_eq!(
         Arc::strong_count(&budget),
         1,
         "only the test holds the budget"
+    );
+    assert_eq!(
+        Arc::strong_count(&in_hook),
+        1,
+        "only the test holds the hook's Arc"
     );
 }
