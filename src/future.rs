@@ -18,10 +18,10 @@
 // thread at once). `Cold` is one concrete type whatever the services are, which is
 // what makes one free list serve every layer; `Pin<Box<_>>` and pin-project keep it
 // free of `unsafe`. Emptying drops every handle on a layer (budget, hook, sampler,
-// span) so that a pooled part keeps no layer alive — except a `Stats`, which is only
-// counters and is kept for the next request of the same layer: counting then costs no
-// reference-count traffic, just one atomic add. Every time a timed request takes
-// during one poll is one clock reading.
+// span) so that a pooled part keeps no layer alive — except the handles that are only
+// data, a `Stats` (counters) and an `Adaptive` (its estimate), kept for the next
+// request of the same layer: counting and sampling then cost no reference-count
+// traffic. Every time a timed request takes during one poll is one clock reading.
 //
 // The other road was a type-level split: the builder picks a future type per
 // configuration (`Option<Sleep>` only when a delay is set, a tracker only with

@@ -51,7 +51,7 @@ struct Parts {
     budget: Option<crate::launch::SharedBudget>,
     /// Times the primary for an adaptive launch, if this request is sampled.
     #[cfg(feature = "adaptive")]
-    sampler: Option<crate::launch::adaptive::Sampler>,
+    sampler: crate::launch::adaptive::Sampler,
     /// What the outcome observers will be told.
     tracker: Tracker,
 }
@@ -124,7 +124,7 @@ impl Cold {
                 })
             });
         // A pooled part holds stale tracker data, which `start` resets, and no handle but
-        // a `Stats` (see `Tracker::stats`).
+        // a `Stats` and an `Adaptive` (see `Tracker::stats`, `Sampler`).
         let parts = cold.as_mut().project().parts;
         let observed = parts
             .tracker
@@ -135,7 +135,8 @@ impl Cold {
             Cold::recycle(cold);
             return None;
         }
-        // A pooled part holds no delay, patience, budget or sampler (see `recycle`).
+        // A pooled part holds no delay, patience or budget, and its sampler is idle (see
+        // `recycle`).
         if !settings.launch_state {
             return Some(cold);
         }
@@ -163,10 +164,9 @@ impl Cold {
         // not: the estimate is of the primary's latency, whatever happens to the fallback.
         #[cfg(feature = "adaptive")]
         {
-            parts.sampler = match &settings.launch {
-                crate::launch::Launch::Adaptive(adaptive) => Some(adaptive.sampler()),
-                _ => None,
-            };
+            if let crate::launch::Launch::Adaptive(adaptive) = &settings.launch {
+                parts.sampler.begin(adaptive);
+            }
         }
         let _ = plan;
         Some(cold)
@@ -181,9 +181,7 @@ impl Cold {
         // A response future dropped while its primary was pending (the caller gave up,
         // or a timeout fired) cut the primary short.
         #[cfg(feature = "adaptive")]
-        if let Some(sampler) = this.parts.sampler.take() {
-            sampler.record_at_least();
-        }
+        this.parts.sampler.record_at_least();
         // Runs the outcome hook, which may panic: then the cold part is simply freed.
         this.parts.tracker.finish(Served::Abandoned);
         if this.timer.is_some() {
@@ -213,9 +211,7 @@ impl Cold {
     pub(crate) fn primary_answered(self: Pin<&mut Self>) {
         let mut this = self.project();
         #[cfg(feature = "adaptive")]
-        if let Some(sampler) = this.parts.sampler.take() {
-            sampler.record();
-        }
+        this.parts.sampler.record();
         this.parts.tracker.primary_answered();
         // Neither a launch delay nor the patience bound applies any more.
         this.timer.set(None);
@@ -225,9 +221,7 @@ impl Cold {
     #[inline(never)]
     pub(crate) fn primary_cut_short(self: Pin<&mut Self>) {
         #[cfg(feature = "adaptive")]
-        if let Some(sampler) = self.project().parts.sampler.take() {
-            sampler.record_at_least();
-        }
+        self.project().parts.sampler.record_at_least();
         #[cfg(not(feature = "adaptive"))]
         let _ = self;
     }
@@ -247,7 +241,7 @@ impl Cold {
         {
             let mut this = self.project();
             #[cfg(feature = "adaptive")]
-            let sampler_waits = this.parts.sampler.as_ref().is_some_and(|s| s.needs_start());
+            let sampler_waits = this.parts.sampler.needs_start();
             #[cfg(not(feature = "adaptive"))]
             let sampler_waits = false;
             if this.parts.delay.is_none() && !sampler_waits {
@@ -255,8 +249,8 @@ impl Cold {
             }
             let now = tokio::time::Instant::now();
             #[cfg(feature = "adaptive")]
-            if let Some(sampler) = &mut this.parts.sampler {
-                sampler.pending_at(now);
+            if this.parts.sampler.needs_start() {
+                this.parts.sampler.pending_at(now);
             }
             if let Some(delay) = this.parts.delay.take() {
                 match Plan::deadline(now, delay) {
