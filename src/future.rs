@@ -186,9 +186,10 @@ where
         }
         // A clone: the poll goes on to update the tracker while the span is entered.
         #[cfg(feature = "tracing")]
-        let span = self.cold.span();
-        #[cfg(feature = "tracing")]
-        let _entered = span.as_ref().map(tracing::Span::enter);
+        if let Some(span) = self.cold.span() {
+            let _entered = span.enter();
+            return self.poll_guarded(cx);
+        }
         self.poll_guarded(cx)
     }
 

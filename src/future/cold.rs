@@ -84,6 +84,7 @@ impl ColdSlot {
     }
 
     #[cfg(feature = "tracing")]
+    #[inline]
     pub(crate) fn span(&self) -> Option<tracing::Span> {
         self.0.as_ref().and_then(|cold| cold.parts.tracker.span())
     }

@@ -177,6 +177,7 @@ impl Tracker {
     /// The request's span, to enter for one poll (a clone: the poll goes on to update
     /// the tracker while the span is entered). `None` if there is no span to enter.
     #[cfg(feature = "tracing")]
+    #[inline]
     pub(crate) fn span(&self) -> Option<tracing::Span> {
         if !self.active {
             return None;
