@@ -3,21 +3,23 @@
 //! Run it with:
 //!
 //! ```text
-//! cargo run --example axum_service --features http
+//! cargo run --all-features --example axum_service
 //! ```
 //!
 //! Two servers start on `127.0.0.1` (ports chosen by the system):
 //!
 //! - the **database**, a separate HTTP service that knows every user and takes 50 ms;
 //! - the **app**, whose `/user/{id}` routes answer from an in-memory cache, `404` when a
-//!   user is not cached. Its `route_layer` sends every request to the database too —
+//!   user is not cached. Its `route_layer` sends every read to the database too —
 //!   through a hyper-util client speaking HTTP/2 — and serves the database's answer
-//!   only when the cache says `404`. Bodies are buffered (64 KiB at most) so that a
-//!   `POST` reaches both.
+//!   only when the cache says `404`. Writes (`POST`) are not started speculatively:
+//!   `speculate_if` lets only safe methods (RFC 9110 §9.2.1) start the database early,
+//!   so a `POST` reaches the database only once the cache has refused it. Bodies are
+//!   buffered (64 KiB at most) so that a `POST` can reach both.
 //!
 //! The example then sends a few requests to the app, prints who served each, shuts
 //! both servers down and prints what the layer and the database counted: the database
-//! sees a call for every request, and the ones the cache answered are cancelled in
+//! sees a call for every read, and the ones the cache answered are cancelled in
 //! flight (their HTTP/2 streams reset) rather than completed.
 
 use axum::{
@@ -191,6 +193,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let app = cache().route_layer(
         FallbackLayer::new(forward_to(db.addr))
             .accept(RejectStatus(StatusCode::NOT_FOUND))
+            // Only reads start the database alongside the cache; a write waits for the
+            // cache's answer, so it is never run twice.
+            .speculate_if(|req: &Request<ReplayBody>| req.method().is_safe())
             .stats(stats.clone())
             .buffer_bodies(),
     );

@@ -3,7 +3,7 @@
 //! Run it with:
 //!
 //! ```text
-//! cargo run --example cache_db
+//! cargo run --all-features --example cache_db
 //! ```
 //!
 //! The usual read-through code asks the cache and, only after the cache says "miss",

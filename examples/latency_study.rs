@@ -3,14 +3,15 @@
 //! Run it with:
 //!
 //! ```text
-//! cargo run --release --example latency_study --features budget,adaptive
+//! cargo run --release --all-features --example latency_study
 //! ```
 //!
 //! It sends the same 100,000 simulated requests through the real [`Fallback`] service
 //! under each launch policy, on tokio's paused clock, and prints one markdown table per
 //! scenario: p50, p99 and p99.9 of the served latency, and the extra load on the
-//! database, next to the oracle. It also writes `docs/latency-cdf.svg`. The results are
-//! written up in `docs/latency-study.md`.
+//! database, next to the oracle. It also writes a plot, to `target/latency-cdf.svg`
+//! (`-- --plot PATH` for another place: `-- --plot docs/latency-cdf.svg` refreshes the
+//! repository's copy). The results are written up in `docs/latency-study.md`.
 //!
 //! # Model
 //!
@@ -74,8 +75,8 @@ const MEAN_GAP_MS: f64 = 0.02;
 const MAX_IN_FLIGHT: usize = 4_096;
 /// The seed of each scenario's draws.
 const SEED: u64 = 0x0BAC_5709;
-/// Where the plot goes.
-const PLOT: &str = "docs/latency-cdf.svg";
+/// Where the plot goes unless `--plot PATH` says otherwise.
+const PLOT: &str = "target/latency-cdf.svg";
 
 /// One request, drawn up front: latencies in tokio milliseconds.
 #[derive(Clone, Copy, Debug)]
@@ -587,8 +588,14 @@ fn percentile_label(y: &i32) -> String {
     format!("p{}", (p * 100.0).round() / 100.0)
 }
 
-fn plot(scenarios: &[(&Scenario, Vec<Row>)]) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(PLOT, (1200, 560)).into_drawing_area();
+fn plot(
+    scenarios: &[(&Scenario, Vec<Row>)],
+    path: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let root = SVGBackend::new(path, (1200, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, scenarios.len()));
     // Sequential, Concurrent, Delayed, Adaptive, Adaptive with a budget; the oracle is
@@ -627,8 +634,15 @@ fn plot(scenarios: &[(&Scenario, Vec<Row>)]) -> Result<(), Box<dyn std::error::E
             .x_label_formatter(&|x| format!("{x}"))
             .draw()?;
         let (policies, oracle) = rows.split_at(rows.len() - 1);
-        for (r, &color) in policies.iter().zip(&colors) {
-            let width = if r.name == "Concurrent" { 5 } else { 2 };
+        // Delayed and the two Adaptive runs often coincide: drawn wide to thin, each
+        // stays visible as a stripe along the others; Concurrent goes over them, the
+        // oracle over it.
+        let order = [(0, 2), (2, 6), (3, 3), (4, 1), (1, 5)];
+        for (r, color, width) in order
+            .into_iter()
+            .filter(|&(i, _)| i < policies.len())
+            .map(|(i, width)| (&policies[i], colors[i], width))
+        {
             chart
                 .draw_series(LineSeries::new(
                     cdf_points(&r.sorted),
@@ -648,9 +662,11 @@ fn plot(scenarios: &[(&Scenario, Vec<Row>)]) -> Result<(), Box<dyn std::error::E
             ))?
             .label("Oracle")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+        // Lower right: below every CDF curve (a low percentile at a high latency), so
+        // no line crosses the legend.
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(SeriesLabelPosition::LowerRight)
             .background_style(WHITE.mix(0.9))
             .border_style(BLACK)
             .draw()?;
@@ -660,6 +676,19 @@ fn plot(scenarios: &[(&Scenario, Vec<Row>)]) -> Result<(), Box<dyn std::error::E
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = pico_args::Arguments::from_env();
+    if args.contains(["-h", "--help"]) {
+        println!("cargo run --release --all-features --example latency_study [-- --plot PATH]");
+        println!("  --plot PATH   where the latency plot goes [default: {PLOT}]");
+        return Ok(());
+    }
+    let plot_path: std::path::PathBuf = args
+        .opt_value_from_str("--plot")?
+        .unwrap_or_else(|| PLOT.into());
+    let rest = args.finish();
+    if let Some(arg) = rest.first() {
+        return Err(format!("unknown argument {arg:?} (try --help)").into());
+    }
     let wall = std::time::Instant::now();
     let scenarios = [scenario_a(), scenario_b()];
     let mut panels = Vec::new();
@@ -743,9 +772,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         panels.push((scenario, rows));
     }
     remote_cache::print();
-    plot(&panels)?;
+    plot(&panels, &plot_path)?;
     eprintln!(
-        "wrote {PLOT}; {} policies x {} scenarios x {REQUESTS} requests in {:.2} s",
+        "wrote {}; {} policies x {} scenarios x {REQUESTS} requests in {:.2} s",
+        plot_path.display(),
         POLICIES.len(),
         panels.len(),
         wall.elapsed().as_secs_f64()

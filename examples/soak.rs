@@ -2,8 +2,8 @@
 //! 127.0.0.1, checking that nothing is lost, mixed up or leaked.
 //!
 //! ```text
-//! cargo run --release --example soak -- --requests 1000000 --concurrency 256
-//! cargo run --release --example soak -- --help
+//! cargo run --release --all-features --example soak -- --requests 1000000 --concurrency 256
+//! cargo run --release --all-features --example soak -- --help
 //! ```
 //!
 //! The full million takes about 15 seconds on two cores, plus the build. It exits
@@ -111,7 +111,7 @@ Soak test for tower-backstop: N requests through the layer in front of two hyper
 servers on 127.0.0.1, checking every answer, counting leaks and the resident set.
 
 USAGE:
-    cargo run --release --example soak -- [FLAGS]
+    cargo run --release --all-features --example soak -- [FLAGS]
 
 FLAGS:
     --requests N             requests to send                    [default: 1000000]

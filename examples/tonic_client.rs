@@ -3,7 +3,7 @@
 //! Run it with:
 //!
 //! ```text
-//! cargo run --example tonic_client --features http
+//! cargo run --all-features --example tonic_client
 //! ```
 //!
 //! Two gRPC health servers start on `127.0.0.1` (`tonic-health`'s generated service,

@@ -107,6 +107,7 @@ pub mod accept;
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
 pub mod budget;
+pub mod cancel;
 #[doc(hidden)]
 pub mod feature;
 pub mod future;
@@ -116,6 +117,13 @@ pub mod http;
 pub mod launch;
 mod layer;
 pub mod outcome;
+pub mod refill;
 mod service;
 
 pub use crate::{layer::FallbackLayer, service::Fallback};
+
+/// The README's snippets, compiled (and run, unless marked `no_run`) as doc-tests. They
+/// use the `axum`, `budget` and `time` features, so they are tested when those are on.
+#[cfg(all(doctest, feature = "axum", feature = "budget", feature = "time"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

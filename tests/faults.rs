@@ -2,7 +2,6 @@
 //! else; a fallback whose readiness fails costs only the requests that need it; calling
 //! without `poll_ready`, polling after completion and dropping mid-flight do what the
 //! docs say. Every test runs on tokio's paused clock.
-#![cfg(feature = "time")]
 
 mod support;
 

@@ -7,7 +7,6 @@
 //! for the fallback — the core's cost — allocates nothing either) inside such a window.
 //! Every answer is checked, and a control shows that a body in two chunks, which must
 //! be copied into one buffer, is seen allocating.
-#![cfg(feature = "http")]
 
 use bytes::Bytes;
 use futures_util::task::noop_waker_ref;

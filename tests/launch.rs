@@ -1,7 +1,6 @@
 //! Launch policies on tokio's paused clock: when the fallback starts under each policy,
 //! what a budget and the eligibility predicate do to speculative launches, the patience
 //! bound, and the adaptive delay's warm-up, adaptation and censored samples.
-#![cfg(feature = "time")]
 
 mod support;
 

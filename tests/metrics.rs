@@ -1,6 +1,5 @@
 //! The `metrics` feature: outcomes reach the metrics facade on handles registered once
 //! per layer, with the layer's name as a label.
-#![cfg(all(feature = "metrics", feature = "time"))]
 
 mod support;
 

@@ -23,7 +23,6 @@
 //!
 //! Ties are where state machines break, so times are drawn from small ranges and tie
 //! often. All of them are whole milliseconds: tokio's timer rounds up to the next one.
-#![cfg(feature = "time")]
 
 use proptest::{
     prelude::*,

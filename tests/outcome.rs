@@ -1,7 +1,6 @@
 //! Outcomes: every fate of the fallback and every launch reason is reported, abandoned
 //! requests too, with exact latencies on tokio's paused clock; the shared counters add
 //! up across clones.
-#![cfg(feature = "time")]
 
 mod support;
 

@@ -4,9 +4,8 @@
 //! connection or task left behind, the layer's counters in agreement, and a resident
 //! set that stays flat after the first round.
 //!
-//! The full million: `cargo run --release --example soak -- --requests 1000000
+//! The full million: `cargo run --release --all-features --example soak -- --requests 1000000
 //! --concurrency 256`.
-#![cfg(feature = "http")]
 
 #[allow(dead_code)]
 #[path = "../examples/soak.rs"]

@@ -1,6 +1,5 @@
 //! The `tracing` feature: one debug-level span per request carrying the outcome's
 //! fields, a debug event when it finishes, and nothing at info level or above.
-#![cfg(all(feature = "tracing", feature = "time"))]
 
 mod support;
 
