@@ -109,8 +109,8 @@ impl Default for Tracker {
 impl Tracker {
     /// Starts the record of a request `observers` (or a `tracing` subscriber) observe;
     /// returns whether anything does.
-    #[inline(never)]
-    pub(crate) fn start(&mut self, observers: Option<&Arc<Observers>>) -> bool {
+    #[inline]
+    fn start(&mut self, observers: Option<&Arc<Observers>>) -> bool {
         match observers.and_then(|o| o.stats.as_ref()) {
             Some(stats) if self.stats.as_ref().is_some_and(|kept| kept.same(stats)) => {}
             Some(stats) => self.stats = Some(stats.clone()),
@@ -138,15 +138,18 @@ impl Tracker {
 
         self.active = observers.is_some() || listening;
         let observers = observers.filter(|o| o.want_latencies());
-        self.timed = (listening || observers.is_some()).then(|| Timed {
-            observers: observers.cloned(),
-            start: Instant::now(),
-            launched_at: None,
-            primary_latency: None,
-            fallback_latency: None,
-            #[cfg(feature = "tracing")]
-            span,
-        });
+        // `timed` is `None` here: `report` takes it, and only `start` sets it.
+        if listening || observers.is_some() {
+            self.timed = Some(Timed {
+                observers: observers.cloned(),
+                start: Instant::now(),
+                launched_at: None,
+                primary_latency: None,
+                fallback_latency: None,
+                #[cfg(feature = "tracing")]
+                span,
+            });
+        }
         self.active
     }
 
