@@ -188,7 +188,8 @@ impl Cold {
         if this.timer.is_some() {
             this.timer.set(None);
         }
-        // The budget goes before the part is pooled: a pooled part keeps no layer alive.
+        // The budget goes before the part is pooled: a pooled part keeps no handle that
+        // may run user code when dropped (a `Stats` or an `Adaptive` is only data).
         #[cfg(feature = "budget")]
         {
             this.parts.budget = None;

@@ -74,7 +74,9 @@ const MAX_WINDOW: u64 = u32::MAX as u64;
 /// for no time and reads no clock: one such call in 8, picked at random per thread, is
 /// recorded, at 0, counting for 8 calls (so the window and the warm-up still count
 /// calls, and the percentile still weighs the instant answers at their share). Every
-/// call found pending is recorded.
+/// call found pending is recorded. The per-request state that times a call is recycled
+/// per thread and keeps its handle on the estimate for the next request, so a thread
+/// may keep an estimate (its buckets) alive for a while after its layer is dropped.
 ///
 /// Recording a latency takes a lock
 /// that is only ever *tried*: a sample that finds it busy is skipped and counted (see
