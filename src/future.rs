@@ -1,8 +1,40 @@
 //! The future returned by a [`Fallback`](crate::Fallback) service.
 
+// # Why a small hot future with a recycled cold part
+//
+// A caller that awaits `svc.call(req)` moves the response future a few times before its
+// first poll, so every byte of it costs on every request, used or not. The future is
+// therefore split in two. The hot part holds what every request needs: the primary's
+// future, the fallback branch, the predicate, the plan and two flags. Everything only
+// some layers use — the timer (a `tokio::time::Sleep`, 112 bytes), the outcome tracker
+// and `tracing` span, the budget handle, the adaptive sampler, patience — is in one
+// `Cold` behind one pointer (`cold.rs`), `None` for a request whose layer uses none of
+// it: such a request never touches it, and no `#[cfg(feature)]` field appears in the
+// hot part, so compiling features in changes neither its size nor its code.
+//
+// The cold part is a `Pin<Box<Cold>>` taken from a bounded per-thread free list (256)
+// at `call` and emptied and put back when the future is dropped, so it allocates only
+// when the list is empty (warm-up, or more than that many such futures alive on one
+// thread at once). `Cold` is one concrete type whatever the services are, which is
+// what makes one free list serve every layer; `Pin<Box<_>>` and pin-project keep it
+// free of `unsafe`. Emptying drops every handle on a layer (budget, hook, sampler,
+// span) so that a pooled part keeps no layer alive — except the handles that are only
+// data, a `Stats` (counters) and an `Adaptive` (its estimate), kept for the next
+// request of the same layer: counting and sampling then cost no reference-count
+// traffic. Every time a timed request takes during one poll is one clock reading.
+//
+// The other road was a type-level split: the builder picks a future type per
+// configuration (`Option<Sleep>` only when a delay is set, a tracker only with
+// observers, and so on). It saves the free list's few nanoseconds on observed requests
+// but multiplies the public types (a `Fallback` with a budget would be another type
+// than one without, and `launch(..)` could no longer be changed at run time between a
+// policy that waits and one that does not), and every combination of options is
+// another state machine to test. One state machine with one optional pointer is
+// what this crate chose.
+
 use crate::{
     accept::Accept,
-    launch::{Plan, Speculation, Timer},
+    launch::{Launched, Plan, Settings},
     outcome::Served,
 };
 use pin_project_lite::pin_project;
@@ -13,6 +45,10 @@ use std::{
     task::{Context, Poll},
 };
 use tower_service::Service;
+
+mod cold;
+
+use self::cold::ColdSlot;
 
 pin_project! {
     /// Response future of [`Fallback`](crate::Fallback).
@@ -44,15 +80,17 @@ pin_project! {
         primary: Option<PF>,
         #[pin]
         fallback: Branch<F, Req>,
-        // The launch delay while the fallback waits to start speculatively; later, the
-        // patience bound while a fallback answer waits for the primary. Never both.
-        #[pin]
-        timer: Option<Timer>,
         accept: A,
-        speculation: Speculation,
+        // When the fallback may start speculatively, and why.
+        plan: Plan,
+        // Whether the fallback has been launched (it may still be waiting for readiness).
+        launched: bool,
         // Set for the length of each `poll`: still set afterwards only if that poll
         // panicked, which poisons the future.
         polling: bool,
+        // Everything optional. Last, so that it is dropped after both branches: an
+        // abandoned request is reported once they are gone.
+        cold: ColdSlot,
     }
 }
 
@@ -87,23 +125,29 @@ impl<PF, F, Req, A> ResponseFuture<PF, F, Req, A>
 where
     F: Service<Req>,
 {
+    /// Plans the request — the budget deposit, the cold part — and so must come after
+    /// all the user code `call` runs.
+    #[inline(always)]
     pub(crate) fn new(
         primary: PF,
         fallback: F,
         req: Req,
         accept: A,
-        speculation: Speculation,
+        settings: &Settings,
+        eligible: bool,
     ) -> Self {
+        let plan = settings.plan(eligible);
         ResponseFuture {
             primary: Some(primary),
             fallback: Branch::NotReady {
                 svc: fallback,
                 req: Some(req),
             },
-            timer: None,
             accept,
-            speculation,
+            plan,
+            launched: false,
             polling: false,
+            cold: ColdSlot::new(settings, plan),
         }
     }
 }
@@ -118,9 +162,10 @@ where
 
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        #[cfg(feature = "tracing")]
-        if self.speculation.tracker.is_observed() {
-            return self.poll_in_span(cx);
+        // The same check whatever features are compiled in: a request whose layer uses
+        // nothing optional never leaves the hot path.
+        if self.cold.is_some() {
+            return self.poll_cold(cx);
         }
         self.poll_guarded(cx)
     }
@@ -132,13 +177,19 @@ where
     F: Service<Req, Response = T, Error = E>,
     A: Accept<T, E>,
 {
-    /// A poll of an observed request, inside its `tracing` span.
-    #[cfg(feature = "tracing")]
+    /// A poll of a request with a cold part: one clock reading for the whole poll (if
+    /// the request is timed at all), inside the request's `tracing` span if it has one.
     #[inline(never)]
-    fn poll_in_span(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
+    fn poll_cold(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
+        if let Some(cold) = self.as_mut().project().cold.get() {
+            cold.tracker().new_poll();
+        }
         // A clone: the poll goes on to update the tracker while the span is entered.
-        let span = self.speculation.tracker.span();
-        let _entered = span.as_ref().map(tracing::Span::enter);
+        #[cfg(feature = "tracing")]
+        if let Some(span) = self.cold.span() {
+            let _entered = span.enter();
+            return self.poll_guarded(cx);
+        }
         self.poll_guarded(cx)
     }
 
@@ -171,30 +222,33 @@ where
                 // The answer and its latency are recorded before any more user code runs
                 // (the spent future's drop, the predicate): if that panics, the outcome
                 // still says the primary answered, and that nothing judged it.
-                this.speculation.primary_answered();
-                this.speculation.tracker.primary_answered();
+                if let Some(cold) = this.cold.get() {
+                    cold.primary_answered();
+                }
                 // CORRECTNESS: the primary's future is dropped here in both cases, so it
                 // is never polled after it completed.
                 this.primary.set(None);
-                // Neither a launch delay nor the patience bound applies any more.
-                if this.timer.is_some() {
-                    this.timer.set(None);
-                }
                 let accepted = this.accept.accept(&result);
-                this.speculation.tracker.judged(accepted);
+                if let Some(cold) = this.cold.get() {
+                    cold.tracker().judged(accepted);
+                }
                 if accepted {
                     // Drop the fallback — its readiness, its future or its held answer —
                     // before the response is handed back, and before it is reported.
                     this.fallback.set(Branch::Done);
-                    this.speculation.tracker.finish(Served::Primary);
+                    if let Some(cold) = this.cold.get() {
+                        cold.tracker().finish(Served::Primary);
+                    }
                     return Poll::Ready(result);
                 }
                 // Rejected: the fallback starts now if it has not yet, whatever the
                 // policy and the budget say. This launch is not speculative.
-                if !this.speculation.launched {
-                    this.speculation.launched = true;
-                    let why = this.speculation.plan.reason(false);
-                    this.speculation.tracker.launched(why);
+                if !*this.launched {
+                    *this.launched = true;
+                    let why = this.plan.reason(false);
+                    if let Some(cold) = this.cold.get() {
+                        cold.tracker().launched(why);
+                    }
                 }
             }
         }
@@ -211,46 +265,38 @@ where
     ) -> Poll<Result<T, E>> {
         let primary_pending = this.primary.is_some();
 
-        if primary_pending && !this.speculation.launched {
-            // Without the `time` feature there is nothing to wait for, hence no looping.
-            #[cfg_attr(not(feature = "time"), allow(clippy::never_loop))]
-            loop {
-                match this.speculation.plan {
-                    Plan::Now => break,
-                    Plan::OnReject(_) => return Poll::Pending,
-                    // The delay counts from the first poll that finds the primary
-                    // pending: a primary that answers at once costs no clock read.
-                    #[cfg(feature = "time")]
-                    Plan::After(delay, why) => {
-                        this.speculation.plan =
-                            Plan::after(tokio::time::Instant::now(), delay, why);
-                    }
-                    #[cfg(feature = "time")]
-                    Plan::At(deadline, _) => {
-                        if this.timer.is_none() {
-                            this.timer.set(Some(tokio::time::sleep_until(deadline)));
-                        }
-                        let timer = this
-                            .timer
-                            .as_mut()
-                            .as_pin_mut()
-                            .expect("timer was just set");
-                        if timer.poll(cx).is_pending() {
+        if primary_pending && !*this.launched {
+            if let Some(cold) = this.cold.get() {
+                // A delay that never runs out: only a rejection launches.
+                if !cold.primary_pending() {
+                    *this.plan = Plan::OnReject(Launched::AfterRejection);
+                }
+            }
+            match *this.plan {
+                Plan::Now => {}
+                Plan::OnReject(_) => return Poll::Pending,
+                // A waiting plan always has a cold part, which holds the delay.
+                Plan::Wait(_) => {
+                    if let Some(cold) = this.cold.get() {
+                        if cold.poll_launch_delay(cx).is_pending() {
                             return Poll::Pending;
                         }
-                        this.timer.set(None);
-                        break;
                     }
                 }
             }
             // A refused withdrawal turns the plan into `OnReject`: the primary's answer,
             // which wakes this task, launches the fallback if it is rejected.
-            if !this.speculation.withdraw() {
-                return Poll::Pending;
+            if let Some(cold) = this.cold.get() {
+                if !cold.withdraw() {
+                    *this.plan = Plan::OnReject(Launched::BudgetRefused);
+                    return Poll::Pending;
+                }
             }
-            this.speculation.launched = true;
-            let why = this.speculation.plan.reason(true);
-            this.speculation.tracker.launched(why);
+            *this.launched = true;
+            let why = this.plan.reason(true);
+            if let Some(cold) = this.cold.get() {
+                cold.tracker().launched(why);
+            }
         }
 
         loop {
@@ -260,17 +306,23 @@ where
                         let req = req.take().expect("request is present until called");
                         // Counted as called before the call: a `call` that panics was
                         // made all the same, and may have done some of its work.
-                        this.speculation.tracker.called();
+                        if let Some(cold) = this.cold.get() {
+                            cold.tracker().called();
+                        }
                         let fut = svc.call(req);
                         this.fallback.set(Branch::Called { fut });
                     }
                     // A readiness error is the fallback's answer, served only if it is
                     // needed, like any other fallback error.
                     Poll::Ready(Err(error)) => {
-                        this.speculation.tracker.fallback_unready();
+                        if let Some(cold) = this.cold.get() {
+                            cold.tracker().fallback_unready();
+                        }
                         if !primary_pending {
                             this.fallback.set(Branch::Done);
-                            this.speculation.tracker.finish(Served::Fallback);
+                            if let Some(cold) = this.cold.get() {
+                                cold.tracker().finish(Served::Fallback);
+                            }
                             return Poll::Ready(Err(error));
                         }
                         this.fallback.set(Branch::Answered {
@@ -284,17 +336,18 @@ where
                         Poll::Ready(result) => result,
                         Poll::Pending => return Poll::Pending,
                     };
-                    this.speculation.tracker.fallback_answered(primary_pending);
                     if !primary_pending {
                         this.fallback.set(Branch::Done);
-                        this.speculation.tracker.finish(Served::Fallback);
+                        if let Some(mut cold) = this.cold.get() {
+                            cold.as_mut().tracker().fallback_answered(false);
+                            cold.tracker().finish(Served::Fallback);
+                        }
                         return Poll::Ready(result);
                     }
                     // The primary is preferred: hold the fallback's answer until the
                     // primary's verdict, or until the patience bound runs out.
-                    #[cfg(feature = "time")]
-                    if let (Some(patience), Ok(_)) = (this.speculation.patience, &result) {
-                        this.timer.set(Some(tokio::time::sleep(patience)));
+                    if let Some(cold) = this.cold.get() {
+                        cold.fallback_answered_first(result.is_ok());
                     }
                     this.fallback.set(Branch::Answered {
                         result: Some(result),
@@ -302,21 +355,21 @@ where
                 }
                 BranchProj::Answered { result } => {
                     if primary_pending {
-                        // Only a successful fallback answer ever sets the patience timer.
-                        let Some(timer) = this.timer.as_mut().as_pin_mut() else {
+                        let Some(mut cold) = this.cold.get() else {
                             return Poll::Pending;
                         };
-                        if timer.poll(cx).is_pending() {
+                        if cold.as_mut().poll_patience(cx).is_pending() {
                             return Poll::Pending;
                         }
                         // Patience ran out: serve the fallback, drop the primary unanswered.
-                        this.timer.set(None);
                         this.primary.set(None);
-                        this.speculation.primary_cut_short();
+                        cold.primary_cut_short();
                     }
                     let result = result.take().expect("answer is held until handed out");
                     this.fallback.set(Branch::Done);
-                    this.speculation.tracker.finish(Served::Fallback);
+                    if let Some(cold) = this.cold.get() {
+                        cold.tracker().finish(Served::Fallback);
+                    }
                     return Poll::Ready(result);
                 }
                 BranchProj::Done => panic!("`ResponseFuture` polled after completion"),
@@ -343,7 +396,7 @@ where
             "Done"
         };
         let fallback = match &self.fallback {
-            Branch::NotReady { .. } if !self.speculation.launched => "Waiting",
+            Branch::NotReady { .. } if !self.launched => "Waiting",
             Branch::NotReady { .. } => "NotReady",
             Branch::Called { .. } => "Called",
             Branch::Answered { .. } => "Answered",
@@ -352,7 +405,9 @@ where
         f.debug_struct("ResponseFuture")
             .field("primary", &primary)
             .field("fallback", &fallback)
-            .field("speculation", &self.speculation)
+            .field("plan", &self.plan)
+            .field("launched", &self.launched)
+            .field("tracker", &self.cold)
             .field("poisoned", &self.polling)
             .finish_non_exhaustive()
     }

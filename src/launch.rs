@@ -29,13 +29,15 @@
 //! that refuses some of exactly the slow requests speculation is for (the latency
 //! study in the repository measured p90 with a 10% budget: almost no refusals).
 
-use crate::outcome::{Observers, Tracker};
-use std::fmt;
+use crate::outcome::Observers;
 #[cfg(feature = "time")]
 use std::time::Duration;
+use std::{fmt, sync::Arc};
 
 #[cfg(feature = "adaptive")]
 pub use self::adaptive::Adaptive;
+/// Re-exported from [`outcome`](crate::outcome), where the reports that carry it live.
+pub use crate::outcome::Launched;
 
 /// When the fallback call starts, relative to the primary's.
 ///
@@ -87,37 +89,6 @@ pub enum Launch {
     Adaptive(Adaptive),
 }
 
-/// Why a request's fallback started when it did, as reported in an
-/// [`Outcome`](crate::outcome::Outcome).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Launched {
-    /// Speculatively, with the primary ([`Launch::Concurrent`]).
-    Concurrent,
-    /// Speculatively, once the primary had been pending for the configured delay.
-    Delayed,
-    /// Speculatively, once the primary had been pending for the adaptive delay.
-    Adaptive,
-    /// After the primary was rejected: the policy is [`Launch::Sequential`], or the
-    /// primary was rejected before the speculative launch (on its first poll, or before
-    /// a delay ran out).
-    AfterRejection,
-    /// After the primary was rejected, because the budget refused a speculative launch.
-    BudgetRefused,
-    /// After the primary was rejected, because the request was not [`Eligible`].
-    NotEligible,
-}
-
-impl Launched {
-    /// Whether the launch came before the primary was rejected, and so was extra load.
-    pub fn is_speculative(self) -> bool {
-        matches!(
-            self,
-            Launched::Concurrent | Launched::Delayed | Launched::Adaptive
-        )
-    }
-}
-
 /// Decides whether a request may start its fallback speculatively.
 ///
 /// Requests it refuses are served sequentially: their fallback starts only after the
@@ -162,17 +133,56 @@ impl<Req> Eligible<Req> for AnyRequest {
 }
 
 #[cfg(feature = "budget")]
-pub(crate) type SharedBudget = std::sync::Arc<dyn tower::retry::budget::Budget + Send + Sync>;
+pub(crate) type SharedBudget = Arc<dyn tower::retry::budget::Budget + Send + Sync>;
 
 /// Launch settings shared by a layer and every service it builds.
-#[derive(Clone, Default)]
+///
+/// The fields are read anywhere in the crate but written only through the setters,
+/// which precompute what `call` needs: two bytes to read per request, the same whatever
+/// features are compiled in.
+#[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) launch: Launch,
     #[cfg(feature = "budget")]
     pub(crate) budget: Option<SharedBudget>,
     #[cfg(feature = "time")]
     pub(crate) patience: Option<Duration>,
-    pub(crate) observers: Observers,
+    /// `None` until an observer is set: one pointer for a request to check, and to
+    /// clone if observed.
+    pub(crate) observers: Option<Arc<Observers>>,
+    /// The plan of an ineligible request, and of an eligible one.
+    plans: [Plan; 2],
+    /// Which requests need a cold part (a `tracing` subscriber aside).
+    cold: NeedsCold,
+    /// Whether a request's cold part holds anything of the launch: a delay, patience, a
+    /// budget or an adaptive sample (rather than observers alone).
+    pub(crate) launch_state: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NeedsCold {
+    Never,
+    /// Only requests that may speculate: to withdraw from the budget.
+    IfSpeculating,
+    Always,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let mut settings = Settings {
+            launch: Launch::default(),
+            #[cfg(feature = "budget")]
+            budget: None,
+            #[cfg(feature = "time")]
+            patience: None,
+            observers: None,
+            plans: [Plan::Now; 2],
+            cold: NeedsCold::Never,
+            launch_state: false,
+        };
+        settings.refresh();
+        settings
+    }
 }
 
 impl fmt::Debug for Settings {
@@ -189,120 +199,128 @@ impl fmt::Debug for Settings {
 }
 
 impl Settings {
-    /// Plans one request: called once per request, in `call`.
+    pub(crate) fn set_launch(&mut self, launch: Launch) {
+        self.launch = launch;
+        self.refresh();
+    }
+
+    #[cfg(feature = "budget")]
+    pub(crate) fn set_budget(&mut self, budget: SharedBudget) {
+        self.budget = Some(budget);
+        self.refresh();
+    }
+
+    #[cfg(feature = "time")]
+    pub(crate) fn set_patience(&mut self, patience: Duration) {
+        self.patience = Some(patience);
+        self.refresh();
+    }
+
+    /// The observers, to add one to.
+    pub(crate) fn observers_mut(&mut self) -> &mut Observers {
+        self.cold = NeedsCold::Always;
+        Arc::make_mut(self.observers.get_or_insert_with(Default::default))
+    }
+
+    /// Recomputes what `call` reads.
+    fn refresh(&mut self) {
+        let eligible = match &self.launch {
+            Launch::Concurrent => Plan::Now,
+            Launch::Sequential => Plan::OnReject(Launched::AfterRejection),
+            #[cfg(feature = "time")]
+            Launch::Delayed(_) => Plan::Wait(Launched::Delayed),
+            #[cfg(feature = "adaptive")]
+            Launch::Adaptive(_) => Plan::Wait(Launched::Adaptive),
+        };
+        // Sequential never speculates: eligibility makes no difference to it.
+        let ineligible = match eligible {
+            Plan::OnReject(_) => eligible,
+            _ => Plan::OnReject(Launched::NotEligible),
+        };
+        self.plans = [ineligible, eligible];
+
+        // A delay waits on a timer; an adaptive launch also samples every request.
+        let launch = matches!(eligible, Plan::Wait(_));
+        #[cfg(feature = "time")]
+        let launch = launch || self.patience.is_some();
+        #[cfg(feature = "budget")]
+        let budget = self.budget.is_some();
+        #[cfg(not(feature = "budget"))]
+        let budget = false;
+        self.launch_state = launch || budget;
+        let always = launch || self.observers.is_some();
+        self.cold = match (always, budget) {
+            (true, _) => NeedsCold::Always,
+            (false, true) => NeedsCold::IfSpeculating,
+            (false, false) => NeedsCold::Never,
+        };
+    }
+
+    /// Plans one request: called once per request, in `call`, after all the user code
+    /// `call` runs. Deposits into the budget.
     #[inline]
-    pub(crate) fn plan(&self, eligible: bool) -> Speculation {
+    pub(crate) fn plan(&self, eligible: bool) -> Plan {
+        if self.cold != NeedsCold::Never {
+            self.deposit();
+        }
+        self.plans[usize::from(eligible)]
+    }
+
+    /// Every request deposits into the budget, if there is one.
+    #[inline(never)]
+    fn deposit(&self) {
         #[cfg(feature = "budget")]
         if let Some(budget) = &self.budget {
             budget.deposit();
         }
-        let plan = match &self.launch {
-            Launch::Concurrent if !eligible => Plan::OnReject(Launched::NotEligible),
-            Launch::Concurrent => Plan::Now,
-            // Sequential never speculates: eligibility makes no difference to it.
-            Launch::Sequential => Plan::OnReject(Launched::AfterRejection),
-            #[cfg(feature = "time")]
-            _ if !eligible => Plan::OnReject(Launched::NotEligible),
-            #[cfg(feature = "time")]
-            Launch::Delayed(delay) => Plan::After(*delay, Launched::Delayed),
-            #[cfg(feature = "adaptive")]
-            // Unrounded: `Plan::after` rounds for the timer.
-            Launch::Adaptive(adaptive) => Plan::After(adaptive.target(), Launched::Adaptive),
-        };
-        Speculation {
-            plan,
-            launched: false,
-            tracker: Tracker::new(&self.observers),
-            #[cfg(feature = "time")]
-            patience: self.patience,
-            #[cfg(any(feature = "budget", feature = "adaptive"))]
-            extras: self.extras(plan),
-        }
     }
 
-    /// The per-request state only a budget or an adaptive launch needs, kept in one
-    /// `Option` so that a request with neither carries and drops a single `None`.
-    #[cfg(any(feature = "budget", feature = "adaptive"))]
+    /// Whether a request with this plan needs anything beyond the plan itself: a timer,
+    /// a budget to withdraw from, an adaptive sample, patience, an observer. (A
+    /// `tracing` subscriber is checked apart: only one that listens needs a cold part.)
     #[inline]
-    fn extras(&self, plan: Plan) -> Option<Extras> {
-        // Only a request that may speculate needs the budget later.
-        #[cfg(feature = "budget")]
-        let budget = match plan {
-            Plan::OnReject(_) => None,
-            _ => self.budget.clone(),
-        };
-        #[cfg(not(feature = "budget"))]
-        let _ = plan;
-        // Every primary call under an adaptive launch is timed, eligible or not: the
-        // estimate is of the primary's latency, whatever happens to the fallback.
-        #[cfg(feature = "adaptive")]
-        let estimate = match &self.launch {
-            Launch::Adaptive(adaptive) => Some(adaptive::Sampler::start(adaptive)),
-            _ => None,
-        };
-        let extras = Extras {
-            #[cfg(feature = "budget")]
-            budget,
-            #[cfg(feature = "adaptive")]
-            estimate,
-        };
-        extras.is_needed().then_some(extras)
+    pub(crate) fn needs_cold(&self, plan: Plan) -> bool {
+        match self.cold {
+            NeedsCold::Never => false,
+            NeedsCold::IfSpeculating => !matches!(plan, Plan::OnReject(_)),
+            NeedsCold::Always => true,
+        }
     }
 }
 
-/// See [`Settings::extras`].
-#[cfg(any(feature = "budget", feature = "adaptive"))]
-struct Extras {
-    #[cfg(feature = "budget")]
-    budget: Option<SharedBudget>,
-    #[cfg(feature = "adaptive")]
-    estimate: Option<adaptive::Sampler>,
-}
-
-#[cfg(any(feature = "budget", feature = "adaptive"))]
-impl Extras {
-    #[inline]
-    fn is_needed(&self) -> bool {
-        #[cfg(feature = "budget")]
-        if self.budget.is_some() {
-            return true;
-        }
-        #[cfg(feature = "adaptive")]
-        if self.estimate.is_some() {
-            return true;
-        }
-        false
-    }
-}
-
-/// When one request's fallback may start speculatively.
+/// When one request's fallback may start speculatively: part of the hot future, so
+/// two bytes; the delay a `Wait` waits for is in the cold part.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Plan {
     /// On the first poll that finds the primary pending.
     Now,
-    /// Once the primary has been pending for this long, counted from the first poll
-    /// that finds it pending (for this reason).
-    #[cfg(feature = "time")]
-    After(Duration, Launched),
-    /// Once the primary has been pending until this instant (for this reason).
-    #[cfg(feature = "time")]
-    At(tokio::time::Instant, Launched),
+    /// Once the primary has been pending for the launch delay (for this reason),
+    /// counted from the first poll that finds it pending.
+    #[cfg_attr(not(feature = "time"), allow(dead_code))]
+    Wait(Launched),
     /// Never speculatively: only after the primary is rejected (for this reason).
     OnReject(Launched),
 }
 
 impl Plan {
     /// Speculate once `delay`, rounded up for the timer (see [`on_timer`]), has passed
-    /// since `start`. A delay too long to be represented (`Duration::MAX`, say) never
-    /// passes: the fallback then starts only after a rejection, as with
-    /// `Launch::Sequential`.
+    /// since `start`: the deadline, or `None` for a delay too long to be represented
+    /// (`Duration::MAX`, say), which never passes — the fallback then starts only after
+    /// a rejection, as with `Launch::Sequential`.
     #[cfg(feature = "time")]
     #[inline]
-    pub(crate) fn after(start: tokio::time::Instant, delay: Duration, why: Launched) -> Plan {
-        match start.checked_add(on_timer(delay)) {
-            Some(deadline) => Plan::At(deadline, why),
-            None => Plan::OnReject(Launched::AfterRejection),
-        }
+    pub(crate) fn deadline(
+        start: tokio::time::Instant,
+        delay: Duration,
+    ) -> Option<tokio::time::Instant> {
+        start.checked_add(on_timer(delay))
+    }
+
+    /// Whether the fallback may start before the primary is rejected.
+    #[cfg(feature = "budget")]
+    #[inline]
+    pub(crate) fn may_speculate(self) -> bool {
+        !matches!(self, Plan::OnReject(_))
     }
 
     /// The reason a launch made now would be reported with.
@@ -313,8 +331,7 @@ impl Plan {
             // A speculative plan overtaken by the primary's rejection.
             _ if !primary_pending => Launched::AfterRejection,
             Plan::Now => Launched::Concurrent,
-            #[cfg(feature = "time")]
-            Plan::After(_, why) | Plan::At(_, why) => why,
+            Plan::Wait(why) => why,
         }
     }
 }
@@ -339,74 +356,6 @@ pub(crate) fn on_timer(delay: Duration) -> Duration {
         .unwrap_or(Duration::MAX)
 }
 
-/// One request's launch state, carried in its response future.
-pub(crate) struct Speculation {
-    pub(crate) plan: Plan,
-    /// Whether the fallback has been launched (it may still be waiting for readiness).
-    pub(crate) launched: bool,
-    /// What the outcome observers will be told.
-    pub(crate) tracker: Tracker,
-    #[cfg(feature = "time")]
-    pub(crate) patience: Option<Duration>,
-    #[cfg(any(feature = "budget", feature = "adaptive"))]
-    extras: Option<Extras>,
-}
-
-impl Speculation {
-    /// Asks the budget for one speculative launch. On refusal the request is degraded to
-    /// sequential, so it is asked at most once.
-    #[inline]
-    pub(crate) fn withdraw(&mut self) -> bool {
-        #[cfg(feature = "budget")]
-        if let Some(budget) = self.extras.as_mut().and_then(|e| e.budget.take()) {
-            if !budget.withdraw() {
-                self.plan = Plan::OnReject(Launched::BudgetRefused);
-                self.tracker.budget_refused();
-                return false;
-            }
-        }
-        true
-    }
-
-    /// The primary answered: its latency is a full sample.
-    #[inline]
-    pub(crate) fn primary_answered(&mut self) {
-        #[cfg(feature = "adaptive")]
-        if let Some(estimate) = self.extras.as_mut().and_then(|e| e.estimate.take()) {
-            estimate.record();
-        }
-    }
-
-    /// The primary was dropped unanswered: its latency so far is only a lower bound.
-    /// Leaving such calls out would bias the estimate towards the fast answers.
-    #[inline]
-    pub(crate) fn primary_cut_short(&mut self) {
-        #[cfg(feature = "adaptive")]
-        if let Some(estimate) = self.extras.as_mut().and_then(|e| e.estimate.take()) {
-            estimate.record_at_least();
-        }
-    }
-}
-
-impl Drop for Speculation {
-    #[inline]
-    fn drop(&mut self) {
-        // A response future dropped while its primary was pending (the caller gave up,
-        // or a timeout fired) cut the primary short.
-        self.primary_cut_short();
-    }
-}
-
-impl fmt::Debug for Speculation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Speculation")
-            .field("plan", &self.plan)
-            .field("launched", &self.launched)
-            .field("tracker", &self.tracker)
-            .finish_non_exhaustive()
-    }
-}
-
 /// The timer a response future waits on: a launch delay, then the patience bound.
 #[cfg(feature = "time")]
 pub(crate) type Timer = tokio::time::Sleep;
@@ -429,4 +378,4 @@ impl std::future::Future for Timer {
 }
 
 #[cfg(feature = "adaptive")]
-mod adaptive;
+pub(crate) mod adaptive;

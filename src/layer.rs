@@ -118,7 +118,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     /// Sets when the fallback starts. Default: [`Launch::Concurrent`].
     /// See [`Fallback::launch`].
     pub fn launch(mut self, launch: Launch) -> Self {
-        self.settings.launch = launch;
+        self.settings.set_launch(launch);
         self
     }
 
@@ -158,7 +158,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     where
         B: crate::budget::Budget + Send + Sync + 'static,
     {
-        self.settings.budget = Some(budget);
+        self.settings.set_budget(budget);
         self
     }
 
@@ -186,7 +186,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     #[cfg(feature = "time")]
     #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
     pub fn patience(mut self, patience: std::time::Duration) -> Self {
-        self.settings.patience = Some(patience);
+        self.settings.set_patience(patience);
         self
     }
 }
@@ -198,14 +198,14 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     where
         H: Fn(&crate::outcome::Outcome) + Send + Sync + 'static,
     {
-        self.settings.observers.hook = Some(std::sync::Arc::new(hook));
+        self.settings.observers_mut().hook = Some(std::sync::Arc::new(hook));
         self
     }
 
     /// Counts the outcomes of every service this layer builds into `stats`.
     /// Default: no counting. See [`Fallback::stats`].
     pub fn stats(mut self, stats: crate::outcome::Stats) -> Self {
-        self.settings.observers.stats = Some(stats);
+        self.settings.observers_mut().stats = Some(stats);
         self
     }
     /// Reports the outcomes of every service this layer builds through the
@@ -216,8 +216,8 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(mut self, name: &'static str) -> Self {
-        self.settings.observers.metrics = Some(std::sync::Arc::new(
-            crate::outcome::metrics_export::Handles::register(name),
+        self.settings.observers_mut().metrics = Some(std::sync::Arc::new(
+            crate::outcome::MetricsHandles::register(name),
         ));
         self
     }

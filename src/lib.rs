@@ -24,7 +24,9 @@
 //! [`Accept`](accept::Accept) predicate, by default [`AcceptOk`](accept::AcceptOk).
 //!
 //! The middleware spawns no task and allocates nothing per request (beyond what cloning
-//! your request for the fallback costs), takes no lock unless a feature you turned on
+//! your request for the fallback costs; a layer that uses a timer, a budget or an
+//! observer keeps its per-request state in blocks recycled per thread, allocated only
+//! while a thread warms up), takes no lock unless a feature you turned on
 //! needs one, and the error type passes through: with two
 //! `Infallible` services, the stack stays `Infallible`, so axum needs no
 //! `HandleErrorLayer`.

@@ -320,3 +320,57 @@ async fn a_warm_up_of_calls_all_cut_short_still_ends() {
     assert!(within_a_bucket(adaptive.estimate(), ms(20)), "{adaptive:?}");
     assert_eq!(adaptive.delay(), ms(21));
 }
+
+// ---------------------------------------------------------------------------------
+// Sampling
+// ---------------------------------------------------------------------------------
+
+/// How much slower the slow quarter of `quarter_slow`'s calls has become, in ms.
+static SHIFT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Three calls in four answer on their first poll (these are sampled, one in eight);
+/// every fourth takes 10 ms plus `SHIFT_MS` (these are all timed).
+fn quarter_slow(key: u64) -> Duration {
+    if key % 4 == 0 {
+        ms(10 + SHIFT_MS.load(std::sync::atomic::Ordering::Relaxed))
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// Serves `calls` requests through an adaptive layer over `quarter_slow`.
+async fn serve_quarter_slow(adaptive: &Adaptive, keys: std::ops::Range<u64>) {
+    let svc = Fallback::new(
+        Clocked(quarter_slow),
+        Probe::fixed("db", 50, Reply::Value(0)),
+    )
+    .accept(hit)
+    .launch(Launch::Adaptive(adaptive.clone()));
+    for key in keys {
+        let answer = drive(svc.clone().oneshot(key), ms(1)).await;
+        assert_eq!(answer.map(|a| a.from), Ok("cache"));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sampled_estimate_tracks_a_shift() {
+    // The p90 lies in the slow quarter: 10 ms, then 30 ms once it slows down, within
+    // one window — as when every call was timed.
+    let adaptive = Adaptive::new(0.9, ms(5)).window(200).min_samples(50);
+    serve_quarter_slow(&adaptive, 0..400).await;
+    assert!(within_a_bucket(adaptive.estimate(), ms(10)), "{adaptive:?}");
+
+    SHIFT_MS.store(20, std::sync::atomic::Ordering::Relaxed);
+    serve_quarter_slow(&adaptive, 400..800).await;
+    assert!(within_a_bucket(adaptive.estimate(), ms(30)), "{adaptive:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn sampled_instant_answers_keep_their_weight() {
+    // Three calls in four answer at once: the median is 0. Recording one instant answer
+    // in eight without its weight would make them a quarter of the samples, and the
+    // median 10 ms.
+    let adaptive = Adaptive::new(0.5, ms(5)).window(200).min_samples(50);
+    serve_quarter_slow(&adaptive, 0..400).await;
+    assert_eq!(adaptive.estimate(), Some(Duration::ZERO), "{adaptive:?}");
+}

@@ -9,10 +9,13 @@
 //! does see allocations in the window, so the 0 means something.
 //!
 //! The same holds under every launch policy and option, one test each: `Sequential`,
-//! `Delayed` (inside an entered tokio runtime), a `TpsBudget`, an outcome hook, and
-//! `Stats`. Those tests also serve "slow" requests, whose primary is pending on its first
-//! poll: that is what launches the fallback speculatively, arms a launch delay in
-//! tokio's timer (and cancels it when the primary answers), and withdraws from a budget.
+//! `Delayed` and `Adaptive` (inside an entered tokio runtime), patience, a `TpsBudget`,
+//! an outcome hook, `Stats`, a `tracing` subscriber, and all of them at once. Those
+//! tests also serve "slow" requests, whose primary is pending on its first poll: that
+//! is what launches the fallback speculatively, arms a launch delay in tokio's timer
+//! (and cancels it when the primary answers), times an adaptive sample, arms the
+//! patience bound, and withdraws from a budget. A request that uses any option takes
+//! its cold part from a per-thread free list, which the warm-up fills.
 //!
 //! Windows are serialized by a mutex and count only on the thread that opened them, so
 //! the tests can run in parallel with each other and with the test harness.
@@ -405,4 +408,130 @@ fn stats_allocate_nothing() {
     // Slow requests launch speculatively under `Concurrent`; fast misses after rejection.
     assert_eq!(counted.speculative_launches, 2 * (WARM_UP + N));
     assert_eq!(counted.fallback_launches, 3 * (WARM_UP + N));
+}
+
+#[cfg(feature = "time")]
+fn timer_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+}
+
+#[cfg(feature = "adaptive")]
+#[test]
+fn adaptive_allocates_nothing() {
+    use tower_backstop::launch::Adaptive;
+    // Slow requests start their sample and arm the delay on their first poll; instant
+    // answers are sampled one in eight. The delay never runs out.
+    let rt = timer_runtime();
+    let _entered = rt.enter();
+    let adaptive = Adaptive::new(0.9, std::time::Duration::from_secs(60))
+        .window(100)
+        .min_samples(10);
+    serves_every_kind_without_allocating(layer().launch(Launch::Adaptive(adaptive.clone())));
+    assert!(adaptive.estimate().is_some(), "the calls were recorded");
+}
+
+#[cfg(feature = "time")]
+#[test]
+fn patience_allocates_nothing() {
+    // A slow request's fallback answers first, which arms the patience bound; the
+    // primary answers on the next poll, which cancels it.
+    let rt = timer_runtime();
+    let _entered = rt.enter();
+    serves_every_kind_without_allocating(layer().patience(std::time::Duration::from_secs(60)));
+}
+
+/// A `tracing` subscriber that listens to everything and allocates nothing.
+#[cfg(feature = "tracing")]
+#[derive(Default)]
+struct Listening {
+    next_id: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[cfg(feature = "tracing")]
+impl tracing::Subscriber for Listening {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[cfg(feature = "tracing")]
+#[test]
+fn tracing_with_a_subscriber_allocates_nothing() {
+    // Every request makes a span, enters it for each poll and records its outcome.
+    let spans = Arc::default();
+    let subscriber = Listening {
+        next_id: Arc::clone(&spans),
+    };
+    tracing::subscriber::with_default(subscriber, || {
+        serves_every_kind_without_allocating(layer());
+    });
+    assert_eq!(
+        spans.load(Ordering::Relaxed),
+        SERVED,
+        "one span per request"
+    );
+}
+
+#[cfg(all(feature = "adaptive", feature = "budget", feature = "tracing"))]
+#[test]
+fn every_option_at_once_allocates_nothing() {
+    use tower::retry::budget::TpsBudget;
+    use tower_backstop::launch::Adaptive;
+    let rt = timer_runtime();
+    let _entered = rt.enter();
+    let stats = Stats::new();
+    let adaptive = Adaptive::new(0.9, std::time::Duration::from_secs(60));
+    let layer = layer()
+        .launch(Launch::Adaptive(adaptive))
+        .budget(TpsBudget::default())
+        .patience(std::time::Duration::from_secs(60))
+        .stats(stats.clone())
+        .on_outcome(|outcome: &Outcome| {
+            black_box(outcome);
+        });
+    tracing::subscriber::with_default(Listening::default(), || {
+        serves_every_kind_without_allocating(layer);
+    });
+    assert_eq!(stats.snapshot().requests, SERVED);
+}
+
+#[cfg(feature = "budget")]
+#[test]
+fn recycled_cold_parts_keep_nothing_of_a_layer_alive() {
+    use tower::retry::budget::TpsBudget;
+    // A hit never withdraws, so its cold part still holds the budget when the future is
+    // dropped: emptying the part before it is pooled lets the budget go with the layer.
+    // The hook's closure goes with it too.
+    let budget = Arc::new(TpsBudget::default());
+    let in_hook = Arc::new(());
+    let held = Arc::clone(&in_hook);
+    let mut svc = layer()
+        .shared_budget(Arc::clone(&budget))
+        .on_outcome(move |_: &Outcome| {
+            let _ = &held;
+        })
+        .layer(Cache);
+    assert_eq!(serve_polling(&mut svc, 0), Ok(Some(0)));
+    drop(svc);
+    assert_eq!(
+        Arc::strong_count(&budget),
+        1,
+        "only the test holds the budget"
+    );
+    assert_eq!(
+        Arc::strong_count(&in_hook),
+        1,
+        "only the test holds the hook's Arc"
+    );
 }

@@ -1,4 +1,5 @@
 use std::{
+    cell::Cell,
     fmt,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -65,7 +66,19 @@ const MAX_WINDOW: u64 = u32::MAX as u64;
 /// # Cost
 ///
 /// All clones of an `Adaptive`, and so all the services a layer builds, share one
-/// estimate. Reading the delay is one atomic load. Recording a latency takes a lock
+/// estimate. Reading the delay is one atomic load.
+///
+/// A call is timed from the first poll that finds its primary pending — the moment its
+/// delay starts counting — to the primary's answer or its cut: two clock reads, the
+/// first shared with the delay. A primary that answers on its first poll was pending
+/// for no time and reads no clock: one such call in 8, picked at random per thread, is
+/// recorded, at 0, counting for 8 calls (so the window and the warm-up still count
+/// calls, and the percentile still weighs the instant answers at their share). Every
+/// call found pending is recorded. The per-request state that times a call is recycled
+/// per thread and keeps its handle on the estimate for the next request, so a thread
+/// may keep an estimate (its buckets) alive for a while after its layer is dropped.
+///
+/// Recording a latency takes a lock
 /// that is only ever *tried*: a sample that finds it busy is skipped and counted (see
 /// [`skipped`](Adaptive::skipped)) rather than making the request wait. A few times
 /// per half-window the recording call also re-estimates, walking the buckets between
@@ -194,7 +207,14 @@ impl Adaptive {
         self.inner.skipped.load(Ordering::Relaxed)
     }
 
-    fn record(&self, latency: Duration, answered: bool) {
+    /// Whether `self` and `other` share one estimate.
+    #[inline]
+    fn same(&self, other: &Adaptive) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Records `weight` calls of this latency.
+    fn record(&self, latency: Duration, answered: bool, weight: u32) {
         let e = &*self.inner;
         let mut recorder = match e.recorder.try_lock() {
             Ok(recorder) => recorder,
@@ -213,8 +233,8 @@ impl Adaptive {
 
         // Longer than 2^64 - 1 ns (584 years) counts as that long.
         let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-        current.record(bucket(nanos), answered);
-        *since_estimate += 1;
+        current.record(bucket(nanos), answered, weight);
+        *since_estimate += u64::from(weight);
 
         let half = e.window / 2;
         if current.len >= half {
@@ -299,15 +319,16 @@ impl Half {
         }
     }
 
-    fn record(&mut self, index: usize, answered: bool) {
+    fn record(&mut self, index: usize, answered: bool, weight: u32) {
         let count = &mut self.counts[index];
-        // A half holds fewer than `MAX_WINDOW` calls, so this never saturates.
+        // A half holds fewer than `MAX_WINDOW` calls (plus one weight), so this never
+        // saturates.
         if answered {
-            count.answered = count.answered.saturating_add(1);
+            count.answered = count.answered.saturating_add(weight);
         } else {
-            count.cut_short = count.cut_short.saturating_add(1);
+            count.cut_short = count.cut_short.saturating_add(weight);
         }
-        self.len += 1;
+        self.len += u64::from(weight);
         self.lowest = self.lowest.min(index);
         self.highest = self.highest.max(index);
     }
@@ -363,31 +384,109 @@ fn product_limit(a: &Half, b: &Half, quantile: f64) -> u64 {
     top(highest)
 }
 
-/// Times one primary call for the estimate.
+/// One in this many calls whose primary answers on its first poll is recorded, with
+/// this weight.
+const INSTANT_SAMPLE: u32 = 8;
+
+thread_local! {
+    /// The state of a per-thread xorshift generator that picks which instant answers are
+    /// recorded: random, so that no pattern of calls (two layers taking turns on one
+    /// thread, say) can hide one layer's calls from the sampling.
+    static PICK: Cell<u32> = const { Cell::new(0x9E37_79B9) };
+}
+
+/// Whether to record this instant answer: true for one in `INSTANT_SAMPLE`, at random.
+#[inline]
+fn pick_instant() -> bool {
+    PICK.try_with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        state.set(x);
+        x % INSTANT_SAMPLE == 0
+    })
+    .unwrap_or(false)
+}
+
+/// Times one primary call for the estimate, from the first poll that finds it pending —
+/// the moment a launch delay starts counting from — to its answer or its cut.
+///
+/// A call whose primary answers on its first poll was pending for no time at all: it
+/// reads no clock, and one in `INSTANT_SAMPLE` of them is recorded (picked at random,
+/// per thread) with a weight of `INSTANT_SAMPLE`, at 0. Every call that was found
+/// pending is recorded: those are the calls that read the clock anyway, to start their
+/// delay, and the ones the percentile is about.
+///
+/// A `Sampler` outlives its request: it lives in the response future's recycled cold
+/// part and keeps its `Adaptive` handle for the next request of a layer with the same
+/// estimate, so that timing a call costs no reference-count traffic. (The handle holds
+/// the estimate only: keeping it runs no user code. A pooled part may keep an estimate
+/// — about 116 KiB — alive after its layer is gone, until the part is reused or the
+/// thread ends.)
+#[derive(Default)]
 pub(crate) struct Sampler {
-    adaptive: Adaptive,
-    start: Instant,
+    adaptive: Option<Adaptive>,
+    /// This request is being timed, and has not been recorded yet.
+    active: bool,
+    pending_since: Option<Instant>,
 }
 
 impl Sampler {
-    /// Starts timing a primary call now.
-    pub(crate) fn start(adaptive: &Adaptive) -> Self {
-        Sampler {
-            adaptive: adaptive.clone(),
-            start: Instant::now(),
+    /// Starts timing a request's primary call for `adaptive`.
+    #[inline]
+    pub(crate) fn begin(&mut self, adaptive: &Adaptive) {
+        if !self
+            .adaptive
+            .as_ref()
+            .is_some_and(|kept| kept.same(adaptive))
+        {
+            self.adaptive = Some(adaptive.clone());
         }
+        self.active = true;
+        self.pending_since = None;
+    }
+
+    /// The primary was found pending at `now`: the call is timed from the first such
+    /// poll.
+    #[inline]
+    pub(crate) fn pending_at(&mut self, now: Instant) {
+        self.pending_since.get_or_insert(now);
+    }
+
+    /// Whether the call is being sampled but not timed yet.
+    #[inline]
+    pub(crate) fn needs_start(&self) -> bool {
+        self.active && self.pending_since.is_none()
     }
 
     /// The primary answered now.
-    pub(crate) fn record(self) {
-        self.adaptive.record(self.start.elapsed(), true);
+    #[inline]
+    pub(crate) fn record(&mut self) {
+        self.finish(true);
     }
 
     /// The primary was dropped unanswered now: its latency is only known to exceed the
     /// time so far. Always recorded, as a cut-short (censored) sample, whatever the
     /// current estimate: see [`product_limit`].
-    pub(crate) fn record_at_least(self) {
-        self.adaptive.record(self.start.elapsed(), false);
+    #[inline]
+    pub(crate) fn record_at_least(&mut self) {
+        self.finish(false);
+    }
+
+    #[inline]
+    fn finish(&mut self, answered: bool) {
+        if !std::mem::take(&mut self.active) {
+            return;
+        }
+        let Some(adaptive) = &self.adaptive else {
+            return;
+        };
+        match self.pending_since {
+            Some(since) => adaptive.record(since.elapsed(), answered, 1),
+            None if pick_instant() => adaptive.record(Duration::ZERO, answered, INSTANT_SAMPLE),
+            None => {}
+        }
     }
 }
 

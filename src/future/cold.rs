@@ -1,0 +1,332 @@
+//! The cold part of a response future: everything only some layers use, behind one
+//! pointer, recycled through a small per-thread free list.
+//!
+//! See the top of `future.rs` for why it is a recycled box rather than a type chosen by
+//! the builder.
+
+use crate::{
+    launch::{Plan, Settings, Timer},
+    outcome::{tracing_may_listen, Served, Tracker},
+};
+use pin_project_lite::pin_project;
+use std::{
+    cell::RefCell,
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+#[cfg(feature = "time")]
+use std::time::Duration;
+
+/// Cold parts kept per thread for reuse, at most: beyond that many response futures
+/// with a cold part alive at once on one thread, the extra ones are freed.
+const POOL_CAP: usize = 256;
+
+thread_local! {
+    static POOL: RefCell<Vec<Pin<Box<Cold>>>> = const { RefCell::new(Vec::new()) };
+}
+
+pin_project! {
+    /// Everything optional about one request. Every field is empty in a pooled `Cold`.
+    pub(crate) struct Cold {
+        // The launch delay while the fallback waits to start speculatively; later, the
+        // patience bound while a fallback answer waits for the primary. Never both.
+        #[pin]
+        timer: Option<Timer>,
+        parts: Parts,
+    }
+}
+
+#[derive(Default)]
+struct Parts {
+    /// The launch delay of a `Plan::Wait`, until it is armed.
+    #[cfg(feature = "time")]
+    delay: Option<Duration>,
+    #[cfg(feature = "time")]
+    patience: Option<Duration>,
+    /// Only a request that may speculate holds the budget, to withdraw from it.
+    #[cfg(feature = "budget")]
+    budget: Option<crate::launch::SharedBudget>,
+    /// Times the primary for an adaptive launch, if this request is sampled.
+    #[cfg(feature = "adaptive")]
+    sampler: crate::launch::adaptive::Sampler,
+    /// What the outcome observers will be told.
+    tracker: Tracker,
+}
+
+/// The response future's handle on its cold part: `None` for a request whose layer uses
+/// nothing optional. Dropping it reports an unfinished request as abandoned and puts
+/// the cold part back on this thread's free list.
+#[derive(Default)]
+pub(crate) struct ColdSlot(Option<Pin<Box<Cold>>>);
+
+impl ColdSlot {
+    /// The cold part a request planned as `plan` needs under `settings`, if any.
+    #[inline]
+    pub(crate) fn new(settings: &Settings, plan: Plan) -> Self {
+        let needed = settings.needs_cold(plan);
+        if !needed && !tracing_may_listen() {
+            return ColdSlot(None);
+        }
+        ColdSlot(Cold::take(settings, plan, needed))
+    }
+
+    #[inline(always)]
+    pub(crate) fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+
+    #[inline(always)]
+    pub(crate) fn get(&mut self) -> Option<Pin<&mut Cold>> {
+        self.0.as_mut().map(Pin::as_mut)
+    }
+
+    #[cfg(feature = "tracing")]
+    #[inline]
+    pub(crate) fn span(&self) -> Option<tracing::Span> {
+        self.0.as_ref().and_then(|cold| cold.parts.tracker.span())
+    }
+}
+
+impl Drop for ColdSlot {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(cold) = self.0.take() {
+            Cold::recycle(cold);
+        }
+    }
+}
+
+impl fmt::Debug for ColdSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            // What the tracker of a request nobody observes would print.
+            None => f.debug_struct("Tracker").field("observed", &false).finish(),
+            Some(cold) => fmt::Debug::fmt(&cold.parts.tracker, f),
+        }
+    }
+}
+
+impl Cold {
+    /// A cold part from this thread's free list (or a new one), filled for one request.
+    #[cold]
+    #[inline(never)]
+    fn take(settings: &Settings, plan: Plan, needed: bool) -> Option<Pin<Box<Cold>>> {
+        let mut cold = POOL
+            .try_with(|pool| pool.try_borrow_mut().ok()?.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| {
+                Box::pin(Cold {
+                    timer: None,
+                    parts: Parts::default(),
+                })
+            });
+        // A pooled part holds stale tracker data, which `start` resets, and no handle but
+        // a `Stats` and an `Adaptive` (see `Tracker::stats`, `Sampler`).
+        let parts = cold.as_mut().project().parts;
+        let observed = parts
+            .tracker
+            .start_unless_observed(settings.observers.as_ref());
+        // Only a `tracing` subscriber that may listen asked for this part, and none does
+        // on this thread.
+        if !needed && !observed {
+            Cold::recycle(cold);
+            return None;
+        }
+        // A pooled part holds no delay, patience or budget, and its sampler is idle (see
+        // `recycle`).
+        if !settings.launch_state {
+            return Some(cold);
+        }
+        #[cfg(feature = "time")]
+        {
+            parts.patience = settings.patience;
+            parts.delay = match (&settings.launch, plan) {
+                (crate::launch::Launch::Delayed(delay), Plan::Wait(_)) => Some(*delay),
+                #[cfg(feature = "adaptive")]
+                (crate::launch::Launch::Adaptive(adaptive), Plan::Wait(_)) => {
+                    // Unrounded: `Plan::deadline` rounds for the timer.
+                    Some(adaptive.target())
+                }
+                _ => None,
+            };
+        }
+        #[cfg(feature = "budget")]
+        {
+            parts.budget = match plan.may_speculate() {
+                true => settings.budget.clone(),
+                false => None,
+            };
+        }
+        // Every primary call under an adaptive launch is timed or sampled, eligible or
+        // not: the estimate is of the primary's latency, whatever happens to the fallback.
+        #[cfg(feature = "adaptive")]
+        {
+            if let crate::launch::Launch::Adaptive(adaptive) = &settings.launch {
+                parts.sampler.begin(adaptive);
+            }
+        }
+        let _ = plan;
+        Some(cold)
+    }
+
+    /// Reports an unfinished request as abandoned, drops every handle the part holds
+    /// (but a `Stats`) and puts it back on the free list.
+    #[cold]
+    #[inline(never)]
+    fn recycle(mut cold: Pin<Box<Cold>>) {
+        let mut this = cold.as_mut().project();
+        // A response future dropped while its primary was pending (the caller gave up,
+        // or a timeout fired) cut the primary short.
+        #[cfg(feature = "adaptive")]
+        this.parts.sampler.record_at_least();
+        // Runs the outcome hook, which may panic: then the cold part is simply freed.
+        this.parts.tracker.finish(Served::Abandoned);
+        if this.timer.is_some() {
+            this.timer.set(None);
+        }
+        // The budget goes before the part is pooled: a pooled part keeps no handle that
+        // may run user code when dropped (a `Stats` or an `Adaptive` is only data).
+        #[cfg(feature = "budget")]
+        {
+            this.parts.budget = None;
+        }
+        #[cfg(feature = "time")]
+        {
+            this.parts.delay = None;
+            this.parts.patience = None;
+        }
+        let _ = POOL.try_with(|pool| {
+            if let Ok(mut pool) = pool.try_borrow_mut() {
+                if pool.len() < POOL_CAP {
+                    pool.push(cold);
+                }
+            }
+        });
+    }
+
+    /// The primary answered. Its answer is not judged yet.
+    #[inline(never)]
+    pub(crate) fn primary_answered(self: Pin<&mut Self>) {
+        let mut this = self.project();
+        #[cfg(feature = "adaptive")]
+        this.parts.sampler.record();
+        this.parts.tracker.primary_answered();
+        // Neither a launch delay nor the patience bound applies any more.
+        this.timer.set(None);
+    }
+
+    /// The primary was dropped unanswered by the patience bound.
+    #[inline(never)]
+    pub(crate) fn primary_cut_short(self: Pin<&mut Self>) {
+        #[cfg(feature = "adaptive")]
+        self.project().parts.sampler.record_at_least();
+        #[cfg(not(feature = "adaptive"))]
+        let _ = self;
+    }
+
+    /// The request's record, to update.
+    #[inline(always)]
+    pub(crate) fn tracker(self: Pin<&mut Self>) -> &mut Tracker {
+        &mut self.project().parts.tracker
+    }
+
+    /// The primary was found pending, and the fallback is not launched: starts what
+    /// counts from the first such poll — the launch delay, the adaptive sample — on one
+    /// clock read. `false` if the launch delay is too long to ever run out.
+    #[inline(never)]
+    pub(crate) fn primary_pending(self: Pin<&mut Self>) -> bool {
+        #[cfg(feature = "time")]
+        {
+            let mut this = self.project();
+            #[cfg(feature = "adaptive")]
+            let sampler_waits = this.parts.sampler.needs_start();
+            #[cfg(not(feature = "adaptive"))]
+            let sampler_waits = false;
+            if this.parts.delay.is_none() && !sampler_waits {
+                return true;
+            }
+            let now = tokio::time::Instant::now();
+            #[cfg(feature = "adaptive")]
+            if this.parts.sampler.needs_start() {
+                this.parts.sampler.pending_at(now);
+            }
+            if let Some(delay) = this.parts.delay.take() {
+                match Plan::deadline(now, delay) {
+                    Some(deadline) => this.timer.set(Some(tokio::time::sleep_until(deadline))),
+                    None => return false,
+                }
+            }
+        }
+        #[cfg(not(feature = "time"))]
+        let _ = self;
+        true
+    }
+
+    /// Waits out the launch delay armed by [`primary_pending`](Cold::primary_pending):
+    /// `Ready` once it has run out (or if there is none).
+    #[inline(never)]
+    pub(crate) fn poll_launch_delay(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let Some(timer) = this.timer.as_mut().as_pin_mut() else {
+            return Poll::Ready(());
+        };
+        if timer.poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.timer.set(None);
+        Poll::Ready(())
+    }
+
+    /// Asks the budget for one speculative launch, once: `false` if it refused.
+    #[inline(never)]
+    pub(crate) fn withdraw(self: Pin<&mut Self>) -> bool {
+        #[cfg(feature = "budget")]
+        {
+            let parts = self.project().parts;
+            if let Some(budget) = parts.budget.take() {
+                if !budget.withdraw() {
+                    parts.tracker.budget_refused();
+                    return false;
+                }
+            }
+        }
+        #[cfg(not(feature = "budget"))]
+        let _ = self;
+        true
+    }
+
+    /// The fallback answered while the primary is pending: with patience set and an
+    /// `Ok` answer, the primary gets that much longer.
+    #[inline(never)]
+    pub(crate) fn fallback_answered_first(self: Pin<&mut Self>, ok: bool) {
+        let this = self.project();
+        this.parts.tracker.fallback_answered(true);
+        #[cfg(feature = "time")]
+        if let (Some(patience), true) = (this.parts.patience, ok) {
+            let mut timer = this.timer;
+            timer.set(Some(tokio::time::sleep(patience)));
+        }
+        #[cfg(not(feature = "time"))]
+        let _ = ok;
+    }
+
+    /// Waits out the patience bound: `Ready` once it has run out. Pending forever if
+    /// none was set (the primary's answer then wakes the task).
+    #[inline(never)]
+    pub(crate) fn poll_patience(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        // Only a successful fallback answer ever sets the patience timer.
+        let Some(timer) = this.timer.as_mut().as_pin_mut() else {
+            return Poll::Pending;
+        };
+        if timer.poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.timer.set(None);
+        Poll::Ready(())
+    }
+}

@@ -1,0 +1,226 @@
+//! The shared outcome counters: one atomic add per request, no clock.
+
+use super::{Fate, Launched, Served};
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+};
+
+/// Shared outcome counters, set with [`Fallback::stats`](crate::Fallback::stats).
+///
+/// Cloning is cheap and every clone reads and writes the same counters, so one handle
+/// can be given to a layer (and so to every service it builds) and read elsewhere.
+///
+/// Counting needs no clock: each finished request costs one relaxed atomic add, into a
+/// counter for its class of outcome (who served it, what became of the fallback, why it
+/// started, whether the budget refused it and whether the fallback answered first);
+/// [`snapshot`](Stats::snapshot) sums the classes. A handle holds about 4 KiB of
+/// counters.
+#[derive(Clone, Default)]
+pub struct Stats {
+    inner: Arc<Counters>,
+}
+
+/// Classes of outcome: served (3) × fate (6) × launched (none + 6) × budget refused (2)
+/// × fallback first (2).
+const CLASSES: usize = 3 * 6 * 7 * 2 * 2;
+
+struct Counters {
+    by_class: [AtomicU64; CLASSES],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            by_class: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+/// What [`Stats`] counts of one request: everything its class is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Class {
+    pub(crate) served: Served,
+    pub(crate) fallback: Fate,
+    pub(crate) launched: Option<Launched>,
+    pub(crate) budget_refused: bool,
+    pub(crate) fallback_first: bool,
+}
+
+const SERVED: [Served; 3] = [Served::Primary, Served::Fallback, Served::Abandoned];
+const FATES: [Fate; 6] = [
+    Fate::NotLaunched,
+    Fate::DroppedBeforeReady,
+    Fate::DroppedInFlight,
+    Fate::Discarded,
+    Fate::ReadinessFailed,
+    Fate::Served,
+];
+const LAUNCHED: [Option<Launched>; 7] = [
+    None,
+    Some(Launched::Concurrent),
+    Some(Launched::Delayed),
+    Some(Launched::Adaptive),
+    Some(Launched::AfterRejection),
+    Some(Launched::BudgetRefused),
+    Some(Launched::NotEligible),
+];
+
+impl Class {
+    #[inline]
+    fn index(self) -> usize {
+        let served = match self.served {
+            Served::Primary => 0,
+            Served::Fallback => 1,
+            Served::Abandoned => 2,
+        };
+        let fate = match self.fallback {
+            Fate::NotLaunched => 0,
+            Fate::DroppedBeforeReady => 1,
+            Fate::DroppedInFlight => 2,
+            Fate::Discarded => 3,
+            Fate::ReadinessFailed => 4,
+            Fate::Served => 5,
+        };
+        let launched = match self.launched {
+            None => 0,
+            Some(Launched::Concurrent) => 1,
+            Some(Launched::Delayed) => 2,
+            Some(Launched::Adaptive) => 3,
+            Some(Launched::AfterRejection) => 4,
+            Some(Launched::BudgetRefused) => 5,
+            Some(Launched::NotEligible) => 6,
+        };
+        (((served * 6 + fate) * 7 + launched) * 2 + usize::from(self.budget_refused)) * 2
+            + usize::from(self.fallback_first)
+    }
+
+    fn from_index(i: usize) -> Class {
+        Class {
+            fallback_first: i % 2 == 1,
+            budget_refused: (i / 2) % 2 == 1,
+            launched: LAUNCHED[(i / 4) % 7],
+            fallback: FATES[(i / 28) % 6],
+            served: SERVED[i / 168],
+        }
+    }
+}
+
+/// A reading of [`Stats`]. Each counter is read on its own, so a snapshot taken while
+/// requests finish may be off by the requests finishing meanwhile.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// Requests finished, abandoned ones included.
+    pub requests: u64,
+    /// Requests served by the primary (its answer accepted).
+    pub served_by_primary: u64,
+    /// Requests served by the fallback.
+    pub served_by_fallback: u64,
+    /// Requests whose response future was dropped before it finished.
+    pub abandoned: u64,
+    /// Fallback calls started, speculatively or not.
+    pub fallback_launches: u64,
+    /// Fallback calls started before the primary was rejected.
+    pub speculative_launches: u64,
+    /// Fallback calls dropped before they answered (before readiness, or in flight).
+    pub fallbacks_cancelled: u64,
+    /// Fallback answers computed and thrown away.
+    pub fallbacks_wasted: u64,
+    /// Speculative launches the budget refused.
+    pub budget_refusals: u64,
+    /// Requests whose fallback answered while the primary was still pending. If this is
+    /// close to `requests`, the primary is not saving latency.
+    pub fallback_first: u64,
+}
+
+impl Snapshot {
+    fn add(&mut self, class: Class, n: u64) {
+        let when = |yes: bool| if yes { n } else { 0 };
+        self.requests += n;
+        self.served_by_primary += when(class.served == Served::Primary);
+        self.served_by_fallback += when(class.served == Served::Fallback);
+        self.abandoned += when(class.served == Served::Abandoned);
+        self.fallback_launches += when(class.launched.is_some());
+        self.speculative_launches += when(class.launched.is_some_and(Launched::is_speculative));
+        self.fallbacks_cancelled += when(matches!(
+            class.fallback,
+            Fate::DroppedBeforeReady | Fate::DroppedInFlight
+        ));
+        self.fallbacks_wasted += when(class.fallback == Fate::Discarded);
+        self.budget_refusals += when(class.budget_refused);
+        self.fallback_first += when(class.fallback_first);
+    }
+}
+
+impl Stats {
+    /// Creates a handle with every counter at zero.
+    pub fn new() -> Self {
+        Stats::default()
+    }
+
+    /// Reads the counters.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for (i, counter) in self.inner.by_class.iter().enumerate() {
+            let n = counter.load(Relaxed);
+            if n != 0 {
+                snapshot.add(Class::from_index(i), n);
+            }
+        }
+        snapshot
+    }
+
+    /// Whether `self` and `other` are handles on the same counters.
+    #[inline]
+    pub(crate) fn same(&self, other: &Stats) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    #[inline]
+    pub(crate) fn count(&self, class: Class) {
+        self.inner.by_class[class.index()].fetch_add(1, Relaxed);
+    }
+}
+
+impl fmt::Debug for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Stats").field(&self.snapshot()).finish()
+    }
+}
+
+impl fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} requests: {} by primary, {} by fallback, {} abandoned; \
+             {} fallback launches ({} speculative, {} cancelled, {} wasted); \
+             {} budget refusals; fallback first {} times",
+            self.requests,
+            self.served_by_primary,
+            self.served_by_fallback,
+            self.abandoned,
+            self.fallback_launches,
+            self.speculative_launches,
+            self.fallbacks_cancelled,
+            self.fallbacks_wasted,
+            self.budget_refusals,
+            self.fallback_first,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_class_round_trips_through_its_index() {
+        for i in 0..CLASSES {
+            assert_eq!(Class::from_index(i).index(), i);
+        }
+    }
+}

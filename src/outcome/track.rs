@@ -1,0 +1,372 @@
+//! The per-request record: what the observers will be told about one request.
+
+use super::{stats::Class, Fate, Launched, Outcome, Served, Stats, Verdict};
+use std::{fmt, sync::Arc, time::Duration};
+
+#[cfg(not(feature = "time"))]
+use std::time::Instant;
+#[cfg(feature = "time")]
+use tokio::time::Instant;
+
+pub(crate) type Hook = Arc<dyn Fn(&Outcome) + Send + Sync>;
+
+/// The observers a layer was given. A layer with none holds no `Observers` at all.
+#[derive(Clone, Default)]
+pub(crate) struct Observers {
+    pub(crate) hook: Option<Hook>,
+    pub(crate) stats: Option<Stats>,
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: Option<Arc<super::MetricsHandles>>,
+}
+
+impl Observers {
+    /// Whether an observer wants latencies, which cost clock reads. `Stats` does not.
+    fn want_latencies(&self) -> bool {
+        #[cfg(feature = "metrics")]
+        if self.metrics.is_some() {
+            return true;
+        }
+        self.hook.is_some()
+    }
+}
+
+impl fmt::Debug for Observers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = f.debug_struct("Observers");
+        s.field("hook", &self.hook.as_ref().map(|_| "Fn(&Outcome)"));
+        s.field("stats", &self.stats);
+        #[cfg(feature = "metrics")]
+        s.field("metrics", &self.metrics.as_ref().map(|m| m.layer));
+        s.finish()
+    }
+}
+
+/// How far the fallback got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Waiting,
+    Launched,
+    Called,
+    Answered,
+    Unready,
+}
+
+/// One request's record, kept in the cold part of its response future.
+///
+/// What `Stats` needs — how far the fallback got, why it started, the budget's refusal —
+/// is a few bytes, updated in place. The rest (observers, clock readings, latencies, the
+/// span) is in `timed`, `Some` only for a hook, `metrics` or a listening `tracing`
+/// subscriber: counting reads no clock.
+pub(crate) struct Tracker {
+    /// Observed and not reported yet: every update below is one branch on it.
+    active: bool,
+    stage: Stage,
+    verdict: Verdict,
+    launched: Option<Launched>,
+    budget_refused: bool,
+    fallback_first: bool,
+    /// The layer's `Stats`, if it counts. Kept when the cold part is pooled, and reused
+    /// by the next request of a layer with the same `Stats`: counting then costs no
+    /// reference-count traffic. (It holds counters only: keeping it runs no user code
+    /// and keeps nothing else of the layer alive.)
+    stats: Option<Stats>,
+    timed: Option<Timed>,
+    /// The one clock reading of the current poll: every time taken during one poll is
+    /// this one. Cleared by [`new_poll`](Tracker::new_poll).
+    reading: Option<Instant>,
+}
+
+/// What only the observers that want an `Outcome` need.
+struct Timed {
+    /// A hook or `metrics`, if any (`Stats` is kept apart).
+    observers: Option<Arc<Observers>>,
+    /// When the request was called.
+    start: Instant,
+    launched_at: Option<Instant>,
+    primary_latency: Option<Duration>,
+    fallback_latency: Option<Duration>,
+    /// The request's span, if a subscriber listens.
+    #[cfg(feature = "tracing")]
+    span: Option<tracing::Span>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            active: false,
+            stage: Stage::Waiting,
+            verdict: Verdict::Pending,
+            launched: None,
+            budget_refused: false,
+            fallback_first: false,
+            stats: None,
+            timed: None,
+            reading: None,
+        }
+    }
+}
+
+impl Tracker {
+    /// Starts the record of a request `observers` (or a `tracing` subscriber) observe;
+    /// returns whether anything does.
+    #[inline]
+    fn start(&mut self, observers: Option<&Arc<Observers>>) -> bool {
+        match observers.and_then(|o| o.stats.as_ref()) {
+            Some(stats) if self.stats.as_ref().is_some_and(|kept| kept.same(stats)) => {}
+            Some(stats) => self.stats = Some(stats.clone()),
+            None => self.stats = None,
+        }
+        self.reading = None;
+        self.stage = Stage::Waiting;
+        self.verdict = Verdict::Pending;
+        self.launched = None;
+        self.budget_refused = false;
+        self.fallback_first = false;
+
+        // No span at all unless a subscriber may want it: making one costs even when
+        // nobody listens.
+        #[cfg(feature = "tracing")]
+        let span = if tracing_may_listen() {
+            listening_span()
+        } else {
+            None
+        };
+        #[cfg(feature = "tracing")]
+        let listening = span.is_some();
+        #[cfg(not(feature = "tracing"))]
+        let listening = false;
+
+        self.active = observers.is_some() || listening;
+        let observers = observers.filter(|o| o.want_latencies());
+        // `timed` is `None` here: `report` takes it, and only `start` sets it.
+        if listening || observers.is_some() {
+            self.timed = Some(Timed {
+                observers: observers.cloned(),
+                start: Instant::now(),
+                launched_at: None,
+                primary_latency: None,
+                fallback_latency: None,
+                #[cfg(feature = "tracing")]
+                span,
+            });
+        }
+        self.active
+    }
+
+    /// Starts the record of a request nobody observes (unless a `tracing` subscriber
+    /// listens): the common case, kept short.
+    #[inline]
+    pub(crate) fn start_unless_observed(&mut self, observers: Option<&Arc<Observers>>) -> bool {
+        if observers.is_none() && !tracing_may_listen() {
+            self.active = false;
+            self.stats = None;
+            return false;
+        }
+        self.start(observers)
+    }
+
+    /// A poll begins: times taken from now on read the clock again (once).
+    #[inline]
+    pub(crate) fn new_poll(&mut self) {
+        self.reading = None;
+    }
+
+    /// The time, for a timed request: one clock reading per poll.
+    #[inline]
+    fn now(reading: &mut Option<Instant>) -> Instant {
+        *reading.get_or_insert_with(Instant::now)
+    }
+
+    /// The request's span, to enter for one poll (a clone: the poll goes on to update
+    /// the tracker while the span is entered). `None` if there is no span to enter.
+    #[cfg(feature = "tracing")]
+    #[inline]
+    pub(crate) fn span(&self) -> Option<tracing::Span> {
+        if !self.active {
+            return None;
+        }
+        self.timed.as_ref()?.span.clone()
+    }
+
+    #[inline]
+    pub(crate) fn launched(&mut self, why: Launched) {
+        if self.active {
+            self.stage = Stage::Launched;
+            self.launched = Some(why);
+            if let Some(t) = &mut self.timed {
+                t.launched_at = Some(Tracker::now(&mut self.reading));
+            }
+        }
+    }
+
+    #[cfg(feature = "budget")]
+    #[inline]
+    pub(crate) fn budget_refused(&mut self) {
+        self.budget_refused = true;
+    }
+
+    #[inline]
+    pub(crate) fn called(&mut self) {
+        self.stage = Stage::Called;
+    }
+
+    /// The fallback's `poll_ready` failed: its error is its answer, but it did no work.
+    #[inline]
+    pub(crate) fn fallback_unready(&mut self) {
+        self.stage = Stage::Unready;
+        self.fallback_latency();
+    }
+
+    #[inline]
+    pub(crate) fn fallback_answered(&mut self, primary_pending: bool) {
+        self.stage = Stage::Answered;
+        self.fallback_first = primary_pending;
+        self.fallback_latency();
+    }
+
+    #[inline]
+    fn fallback_latency(&mut self) {
+        if let (true, Some(t)) = (self.active, &mut self.timed) {
+            let now = Tracker::now(&mut self.reading);
+            t.fallback_latency = t.launched_at.map(|at| now.saturating_duration_since(at));
+        }
+    }
+
+    /// The primary answered; its answer is not judged yet. Until [`judged`] says
+    /// otherwise, a panic is what became of it.
+    ///
+    /// [`judged`]: Tracker::judged
+    #[inline]
+    pub(crate) fn primary_answered(&mut self) {
+        self.verdict = Verdict::Panicked;
+        if let (true, Some(t)) = (self.active, &mut self.timed) {
+            let now = Tracker::now(&mut self.reading);
+            t.primary_latency = Some(now.saturating_duration_since(t.start));
+        }
+    }
+
+    /// The predicate returned its verdict on the primary's answer.
+    #[inline]
+    pub(crate) fn judged(&mut self, accepted: bool) {
+        self.verdict = if accepted {
+            Verdict::Accepted
+        } else {
+            Verdict::Rejected
+        };
+    }
+
+    /// Reports the request as finished. Later calls, and the drop, report nothing.
+    #[inline]
+    pub(crate) fn finish(&mut self, served: Served) {
+        if self.active {
+            self.active = false;
+            self.report(served);
+        }
+    }
+
+    #[inline(never)]
+    fn report(&mut self, served: Served) {
+        let fallback = match (served, self.stage) {
+            (Served::Fallback, _) => Fate::Served,
+            (_, Stage::Waiting) => Fate::NotLaunched,
+            (_, Stage::Launched) => Fate::DroppedBeforeReady,
+            (_, Stage::Called) => Fate::DroppedInFlight,
+            (_, Stage::Answered) => Fate::Discarded,
+            (_, Stage::Unready) => Fate::ReadinessFailed,
+        };
+        if let Some(stats) = &self.stats {
+            stats.count(Class {
+                served,
+                fallback,
+                launched: self.launched,
+                budget_refused: self.budget_refused,
+                fallback_first: self.fallback_first,
+            });
+        }
+        // Only the observers that want latencies get an `Outcome`; counting needs none.
+        // Taken, so that a panicking hook leaves nothing to report twice.
+        let Some(t) = self.timed.take() else {
+            return;
+        };
+        let end = Tracker::now(&mut self.reading);
+        let outcome = Outcome {
+            served,
+            primary: self.verdict,
+            fallback,
+            launched: self.launched,
+            launched_after: t
+                .launched_at
+                .map(|at| at.saturating_duration_since(t.start)),
+            budget_refused: self.budget_refused,
+            fallback_first: self.fallback_first,
+            primary_latency: t.primary_latency,
+            fallback_latency: t.fallback_latency,
+            elapsed: end.saturating_duration_since(t.start),
+        };
+        #[cfg(feature = "tracing")]
+        if let Some(span) = &t.span {
+            super::export::trace(span, &outcome);
+        }
+        let Some(observers) = t.observers.as_deref() else {
+            return;
+        };
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &observers.metrics {
+            metrics.record(&outcome);
+        }
+        if let Some(hook) = &observers.hook {
+            hook(&outcome);
+        }
+    }
+}
+
+/// The request's span, if a subscriber listens for it.
+#[cfg(feature = "tracing")]
+#[inline(never)]
+fn listening_span() -> Option<tracing::Span> {
+    let span = tracing::debug_span!(
+        "backstop",
+        served = tracing::field::Empty,
+        primary = tracing::field::Empty,
+        fallback = tracing::field::Empty,
+        launched = tracing::field::Empty,
+        budget_refused = tracing::field::Empty,
+        fallback_first = tracing::field::Empty,
+        primary_latency_us = tracing::field::Empty,
+        fallback_latency_us = tracing::field::Empty,
+    );
+    // A callsite once enabled by any subscriber makes spans even where none listens;
+    // those go to the no-op subscriber and are not worth tracking for.
+    let listening = !span.is_disabled()
+        && !tracing::dispatcher::get_default(|d| d.is::<tracing::subscriber::NoSubscriber>());
+    listening.then_some(span)
+}
+
+/// Whether a `tracing` subscriber may want the request's span: a cheap check of the
+/// static and global level filters before any span is made.
+#[inline]
+pub(crate) fn tracing_may_listen() -> bool {
+    #[cfg(feature = "tracing")]
+    {
+        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+        STATIC_MAX_LEVEL >= LevelFilter::DEBUG && LevelFilter::current() >= LevelFilter::DEBUG
+    }
+    #[cfg(not(feature = "tracing"))]
+    false
+}
+
+impl Drop for Tracker {
+    #[inline]
+    fn drop(&mut self) {
+        // Still unreported when dropped: the response future was abandoned.
+        self.finish(Served::Abandoned);
+    }
+}
+
+impl fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tracker")
+            .field("observed", &self.active)
+            .finish()
+    }
+}
