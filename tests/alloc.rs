@@ -128,10 +128,22 @@ where
     assert_eq!(serve_all(svc, miss_keys().take(10), from_db), 10);
 }
 
+/// Every test here runs alone. A `tracing` subscriber, even a scoped one, raises the
+/// process-wide level filter while it is installed, and with it every other thread's
+/// requests become observed ones: a test warmed up before that and measured during it
+/// would count the cold part its first observed request takes.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 // ---- the tests ----
 
 #[test]
 fn hits_allocate_nothing() {
+    let _serial = serial();
     let mut svc = stack();
     warm_up(&mut svc);
 
@@ -144,6 +156,7 @@ fn hits_allocate_nothing() {
 
 #[test]
 fn misses_allocate_nothing() {
+    let _serial = serial();
     let mut svc = stack();
     warm_up(&mut svc);
 
@@ -155,6 +168,7 @@ fn misses_allocate_nothing() {
 
 #[test]
 fn control_counter_sees_a_box() {
+    let _serial = serial();
     let (allocations, boxed) = allocations_in(|| black_box(Box::new(black_box(7_u64))));
     assert_eq!(*boxed, 7);
     assert_eq!(allocations, 1);
@@ -165,6 +179,7 @@ fn control_counter_sees_a_box() {
 
 #[test]
 fn control_counter_sees_allocations_inside_requests() {
+    let _serial = serial();
     // The same stack, but the primary boxes every response future: one allocation per
     // request, which `serve` must make inside the window.
     let cache = BoxService::new(service_fn(|key: u64| {
@@ -337,6 +352,7 @@ const SERVED_BY_EACH: u64 = SERVED / 2;
 
 #[test]
 fn concurrent_with_slow_primaries_allocates_nothing() {
+    let _serial = serial();
     // The existing tests' primaries always answer on the first poll, so the fallback is
     // only ever launched after a rejection; slow ones launch it speculatively.
     serves_every_kind_without_allocating(layer());
@@ -344,12 +360,14 @@ fn concurrent_with_slow_primaries_allocates_nothing() {
 
 #[test]
 fn sequential_allocates_nothing() {
+    let _serial = serial();
     serves_every_kind_without_allocating(layer().launch(Launch::Sequential));
 }
 
 #[cfg(feature = "time")]
 #[test]
 fn delayed_allocates_nothing() {
+    let _serial = serial();
     // A slow request arms the launch delay in tokio's timer on its first poll and
     // cancels it on the second, when the primary answers (the delay never runs out).
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -365,6 +383,7 @@ fn delayed_allocates_nothing() {
 #[cfg(feature = "budget")]
 #[test]
 fn budget_allocates_nothing() {
+    let _serial = serial();
     use tower::retry::budget::TpsBudget;
     // Every request deposits; every slow one withdraws for its speculative launch. A
     // refused withdrawal makes the request sequential, which is still served right.
@@ -373,6 +392,7 @@ fn budget_allocates_nothing() {
 
 #[test]
 fn outcome_hook_allocates_nothing() {
+    let _serial = serial();
     let served = Arc::new([
         AtomicUsize::new(0),
         AtomicUsize::new(0),
@@ -397,6 +417,7 @@ fn outcome_hook_allocates_nothing() {
 
 #[test]
 fn stats_allocate_nothing() {
+    let _serial = serial();
     let stats = Stats::new();
     serves_every_kind_without_allocating(layer().stats(stats.clone()));
 
@@ -421,6 +442,7 @@ fn timer_runtime() -> tokio::runtime::Runtime {
 #[cfg(feature = "adaptive")]
 #[test]
 fn adaptive_allocates_nothing() {
+    let _serial = serial();
     use tower_backstop::launch::Adaptive;
     // Slow requests start their sample and arm the delay on their first poll; instant
     // answers are sampled one in eight. The delay never runs out.
@@ -436,6 +458,7 @@ fn adaptive_allocates_nothing() {
 #[cfg(feature = "time")]
 #[test]
 fn patience_allocates_nothing() {
+    let _serial = serial();
     // A slow request's fallback answers first, which arms the patience bound; the
     // primary answers on the next poll, which cancels it.
     let rt = timer_runtime();
@@ -468,6 +491,7 @@ impl tracing::Subscriber for Listening {
 #[cfg(feature = "tracing")]
 #[test]
 fn tracing_with_a_subscriber_allocates_nothing() {
+    let _serial = serial();
     // Every request makes a span, enters it for each poll and records its outcome.
     let spans = Arc::default();
     let subscriber = Listening {
@@ -486,6 +510,7 @@ fn tracing_with_a_subscriber_allocates_nothing() {
 #[cfg(all(feature = "adaptive", feature = "budget", feature = "tracing"))]
 #[test]
 fn every_option_at_once_allocates_nothing() {
+    let _serial = serial();
     use tower::retry::budget::TpsBudget;
     use tower_backstop::launch::Adaptive;
     let rt = timer_runtime();
@@ -509,6 +534,7 @@ fn every_option_at_once_allocates_nothing() {
 #[cfg(feature = "budget")]
 #[test]
 fn recycled_cold_parts_keep_nothing_of_a_layer_alive() {
+    let _serial = serial();
     use tower::retry::budget::TpsBudget;
     // A hit never withdraws, so its cold part still holds the budget when the future is
     // dropped: emptying the part before it is pooled lets the budget go with the layer.
