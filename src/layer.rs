@@ -42,14 +42,8 @@ use tower_layer::{Identity, Layer};
 /// `mark_served_by` set them, so the builder methods
 /// can be called in any order and the layer stays one type.
 #[derive(Clone)]
-pub struct FallbackLayer<
-    F,
-    A = AcceptOk,
-    S = AnyRequest,
-    O = Identity,
-    I = Identity,
-    R = NoRefill,
-> {
+pub struct FallbackLayer<F, A = AcceptOk, S = AnyRequest, O = Identity, I = Identity, R = NoRefill>
+{
     fallback: F,
     accept: A,
     eligible: S,

@@ -334,7 +334,10 @@ fn a_refill_that_allocates_nothing_adds_no_allocation() {
         counting_alloc::allocations_in(|| (0..2 * N).filter(|key| serve(*key)).count());
 
     assert_eq!(correct as u64, 2 * N, "every answer is right");
-    assert_eq!(allocations, 0, "allocations while serving {N} hits and {N} misses");
+    assert_eq!(
+        allocations, 0,
+        "allocations while serving {N} hits and {N} misses"
+    );
     // Every odd key was a miss, refilled with its own row: 2 × the sum of the odd keys.
     assert_eq!(sum.load(Relaxed), 2 * N * N);
     assert_eq!(stats.snapshot().refills, 10 + N);

@@ -62,5 +62,8 @@ fn no_refill_adds_nothing_to_the_future() {
     // A refill that keeps a `u64` key costs that key, its tag and the action.
     let refill = |_key: u64, _res: &Option<u64>| Ok::<(), Infallible>(());
     let with_refill = future_size(&svc.refill(refill));
-    assert!(with_refill <= plain + 2 * size_of::<u64>(), "{with_refill} bytes");
+    assert!(
+        with_refill <= plain + 2 * size_of::<u64>(),
+        "{with_refill} bytes"
+    );
 }

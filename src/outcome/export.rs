@@ -97,9 +97,7 @@ pub(crate) mod metrics {
                     "launched" => why
                 )
             };
-            let refill = |result: &'static str| {
-                ::metrics::counter!("backstop_refills_total", "layer" => layer, "result" => result)
-            };
+            let refill = |result: &'static str| ::metrics::counter!("backstop_refills_total", "layer" => layer, "result" => result);
             Handles {
                 layer,
                 refills: [refill("started"), refill("failed")],
