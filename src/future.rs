@@ -36,6 +36,7 @@ use crate::{
     accept::Accept,
     launch::{Launched, Plan, Settings},
     outcome::Served,
+    refill::{NoRefill, Refill},
 };
 use pin_project_lite::pin_project;
 use std::{
@@ -70,9 +71,10 @@ pin_project! {
     /// "`ResponseFuture` polled after it panicked" and never serves an answer. See
     /// [`Fallback`'s panics section](crate::Fallback#panics) for what is reported.
     #[project = ResponseFutureProj]
-    pub struct ResponseFuture<PF, F, Req, A>
+    pub struct ResponseFuture<PF, F, Req, A, R = NoRefill>
     where
         F: Service<Req>,
+        R: Refill<Req, F::Response>,
     {
         // `None` once the primary has answered (and its answer was rejected), or has been
         // dropped unanswered by the patience bound.
@@ -81,6 +83,9 @@ pin_project! {
         #[pin]
         fallback: Branch<F, Req>,
         accept: A,
+        // The refill action and what it keeps of the request, if it may refill it: taken
+        // when it runs. Zero-sized with `NoRefill`, whose key is uninhabited.
+        refill: Option<(R, R::Key)>,
         // When the fallback may start speculatively, and why.
         plan: Plan,
         // Whether the fallback has been launched (it may still be waiting for readiness).
@@ -121,9 +126,10 @@ pin_project! {
     }
 }
 
-impl<PF, F, Req, A> ResponseFuture<PF, F, Req, A>
+impl<PF, F, Req, A, R> ResponseFuture<PF, F, Req, A, R>
 where
     F: Service<Req>,
+    R: Refill<Req, F::Response>,
 {
     /// Plans the request — the budget deposit, the cold part — and so must come after
     /// all the user code `call` runs.
@@ -133,6 +139,7 @@ where
         fallback: F,
         req: Req,
         accept: A,
+        refill: Option<(R, R::Key)>,
         settings: &Settings,
         eligible: bool,
     ) -> Self {
@@ -144,6 +151,7 @@ where
                 req: Some(req),
             },
             accept,
+            refill,
             plan,
             launched: false,
             polling: false,
@@ -152,11 +160,12 @@ where
     }
 }
 
-impl<PF, F, Req, A, T, E> Future for ResponseFuture<PF, F, Req, A>
+impl<PF, F, Req, A, R, T, E> Future for ResponseFuture<PF, F, Req, A, R>
 where
     PF: Future<Output = Result<T, E>>,
     F: Service<Req, Response = T, Error = E>,
     A: Accept<T, E>,
+    R: Refill<Req, T>,
 {
     type Output = Result<T, E>;
 
@@ -171,11 +180,12 @@ where
     }
 }
 
-impl<PF, F, Req, A, T, E> ResponseFuture<PF, F, Req, A>
+impl<PF, F, Req, A, R, T, E> ResponseFuture<PF, F, Req, A, R>
 where
     PF: Future<Output = Result<T, E>>,
     F: Service<Req, Response = T, Error = E>,
     A: Accept<T, E>,
+    R: Refill<Req, T>,
 {
     /// A poll of a request with a cold part: one clock reading for the whole poll (if
     /// the request is timed at all), inside the request's `tracing` span if it has one.
@@ -212,7 +222,7 @@ where
     // The body is small: everything past the primary's answer is in `poll_fallback`.
     #[inline(always)]
     fn poll_primary(
-        this: &mut ResponseFutureProj<'_, PF, F, Req, A>,
+        this: &mut ResponseFutureProj<'_, PF, F, Req, A, R>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<T, E>> {
         // The primary is polled first so that an answer it already has is judged before
@@ -260,7 +270,7 @@ where
     /// primary stays small enough to inline into the caller.
     #[inline(never)]
     fn poll_fallback(
-        this: &mut ResponseFutureProj<'_, PF, F, Req, A>,
+        this: &mut ResponseFutureProj<'_, PF, F, Req, A, R>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<T, E>> {
         let primary_pending = this.primary.is_some();
@@ -338,8 +348,14 @@ where
                     };
                     if !primary_pending {
                         this.fallback.set(Branch::Done);
-                        if let Some(mut cold) = this.cold.get() {
-                            cold.as_mut().tracker().fallback_answered(false);
+                        if let Some(cold) = this.cold.get() {
+                            cold.tracker().fallback_answered(false);
+                        }
+                        // The primary was rejected: a miss.
+                        if this.refill.is_some() {
+                            refill(this.refill, &result, this.cold);
+                        }
+                        if let Some(cold) = this.cold.get() {
                             cold.tracker().finish(Served::Fallback);
                         }
                         return Poll::Ready(result);
@@ -354,6 +370,8 @@ where
                     });
                 }
                 BranchProj::Answered { result } => {
+                    // Served because the primary was rejected, not because patience ran out.
+                    let miss = !primary_pending;
                     if primary_pending {
                         let Some(mut cold) = this.cold.get() else {
                             return Poll::Pending;
@@ -367,6 +385,9 @@ where
                     }
                     let result = result.take().expect("answer is held until handed out");
                     this.fallback.set(Branch::Done);
+                    if miss && this.refill.is_some() {
+                        refill(this.refill, &result, this.cold);
+                    }
                     if let Some(cold) = this.cold.get() {
                         cold.tracker().finish(Served::Fallback);
                     }
@@ -378,6 +399,25 @@ where
     }
 }
 
+/// Hands a miss's `Ok` answer to the refill action, once, and records how it went.
+/// Out of line: only a request with a refill key gets here.
+#[inline(never)]
+fn refill<R, Req, T, E>(slot: &mut Option<(R, R::Key)>, result: &Result<T, E>, cold: &mut ColdSlot)
+where
+    R: Refill<Req, T>,
+{
+    let Ok(res) = result else {
+        return;
+    };
+    let Some((mut action, key)) = slot.take() else {
+        return;
+    };
+    let ok = action.refill(key, res).is_ok();
+    if let Some(cold) = cold.get() {
+        cold.tracker().refilled(ok);
+    }
+}
+
 /// Out of line: only a caller that caught a panic from `poll` gets here.
 #[cold]
 #[inline(never)]
@@ -385,9 +425,10 @@ fn poisoned() -> ! {
     panic!("`ResponseFuture` polled after it panicked")
 }
 
-impl<PF, F, Req, A> fmt::Debug for ResponseFuture<PF, F, Req, A>
+impl<PF, F, Req, A, R> fmt::Debug for ResponseFuture<PF, F, Req, A, R>
 where
     F: Service<Req>,
+    R: Refill<Req, F::Response>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let primary = if self.primary.is_some() {
@@ -407,6 +448,7 @@ where
             .field("fallback", &fallback)
             .field("plan", &self.plan)
             .field("launched", &self.launched)
+            .field("refill", &self.refill.is_some())
             .field("tracker", &self.cold)
             .field("poisoned", &self.polling)
             .finish_non_exhaustive()

@@ -1,6 +1,7 @@
 use crate::{
     accept::{AcceptOk, TypeName},
     launch::{AnyRequest, Launch, Settings},
+    refill::NoRefill,
     Fallback,
 };
 use std::fmt;
@@ -32,18 +33,21 @@ use tower_layer::{Identity, Layer};
 ///
 /// # Type parameters
 ///
-/// `F` is the fallback service, `A` the [`Accept`](crate::accept::Accept) predicate
-/// and `S` the [`Eligible`](crate::launch::Eligible) predicate. `O` and `I` are layers
+/// `F` is the fallback service, `A` the [`Accept`](crate::accept::Accept) predicate,
+/// `S` the [`Eligible`](crate::launch::Eligible) predicate and `R` the
+/// [`Refill`](crate::refill::Refill) action (last, so that it can be left out). `O` and `I` are layers
 /// the built [`Fallback`] is wrapped in (`O`) and the primary is wrapped in (`I`); both
 /// are [`Identity`] unless the `http` feature's
 /// `buffer_bodies` or
 /// `mark_served_by` set them, so the builder methods
 /// can be called in any order and the layer stays one type.
 #[derive(Clone)]
-pub struct FallbackLayer<F, A = AcceptOk, S = AnyRequest, O = Identity, I = Identity> {
+pub struct FallbackLayer<F, A = AcceptOk, S = AnyRequest, O = Identity, I = Identity, R = NoRefill>
+{
     fallback: F,
     accept: A,
     eligible: S,
+    refill: R,
     settings: Settings,
     pub(crate) outer: O,
     pub(crate) inner: I,
@@ -61,6 +65,7 @@ impl<F> FallbackLayer<F> {
             fallback,
             accept: AcceptOk,
             eligible: AnyRequest,
+            refill: NoRefill,
             settings: Settings::default(),
             outer: Identity::new(),
             inner: Identity::new(),
@@ -68,12 +73,13 @@ impl<F> FallbackLayer<F> {
     }
 }
 
-impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
-    /// Rebuilds the layer with other parts of any type; the settings are kept.
+impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
+    /// Rebuilds the layer with other parts of any type; the refill action and the
+    /// settings are kept.
     pub(crate) fn with_parts<F2, A2, S2, O2, I2>(
         self,
         parts: impl FnOnce(F, A, S, O, I) -> (F2, A2, S2, O2, I2),
-    ) -> FallbackLayer<F2, A2, S2, O2, I2> {
+    ) -> FallbackLayer<F2, A2, S2, O2, I2, R> {
         let (fallback, accept, eligible, outer, inner) = parts(
             self.fallback,
             self.accept,
@@ -85,6 +91,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
             fallback,
             accept,
             eligible,
+            refill: self.refill,
             settings: self.settings,
             outer,
             inner,
@@ -105,13 +112,13 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     /// annotation.
     ///
     /// Default: [`AcceptOk`]. See [`Fallback::accept`].
-    pub fn accept<A2>(self, accept: A2) -> FallbackLayer<F, A2, S, O, I> {
+    pub fn accept<A2>(self, accept: A2) -> FallbackLayer<F, A2, S, O, I, R> {
         self.with_parts(|f, _, s, o, i| (f, accept, s, o, i))
     }
 
     /// Replaces the fallback service with `f(fallback)`, keeping the configuration:
     /// for wrapping the fallback in a middleware of its own after the fact.
-    pub fn map_fallback<F2>(self, f: impl FnOnce(F) -> F2) -> FallbackLayer<F2, A, S, O, I> {
+    pub fn map_fallback<F2>(self, f: impl FnOnce(F) -> F2) -> FallbackLayer<F2, A, S, O, I, R> {
         self.with_parts(|fallback, a, s, o, i| (f(fallback), a, s, o, i))
     }
 
@@ -175,8 +182,60 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     /// `http::IdempotentMethods` (RFC 9110 §9.2.1, §9.2.2).
     ///
     /// Default: [`AnyRequest`]. See [`Fallback::speculate_if`].
-    pub fn speculate_if<S2>(self, eligible: S2) -> FallbackLayer<F, A, S2, O, I> {
+    pub fn speculate_if<S2>(self, eligible: S2) -> FallbackLayer<F, A, S2, O, I, R> {
         self.with_parts(|f, a, _, o, i| (f, a, eligible, o, i))
+    }
+
+    /// Writes the fallback's answer back after a miss with `refill`, a
+    /// [`Refill`](crate::refill::Refill) action or a closure
+    /// `FnMut(Req, &Res) -> Result<(), E>` (with its argument types written out, as for
+    /// [`accept`](FallbackLayer::accept)). Default: [`NoRefill`], which keeps nothing
+    /// and costs nothing.
+    ///
+    /// The action runs once, just before the response is returned, when the
+    /// fallback's `Ok` answer is served because the primary's answer was rejected — not
+    /// after a hit, not when the [`patience`](FallbackLayer::patience) bound ran out,
+    /// not for an `Err`. The response waits for it, so it **must not block**: start the
+    /// write (spawn a task, send on a channel) and return. Its errors are counted
+    /// ([`Snapshot::refill_failures`](crate::outcome::Snapshot::refill_failures)) and
+    /// never fail the request. See [`Fallback::refill`] for the details.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use tower::{service_fn, ServiceBuilder, ServiceExt};
+    /// use tower_backstop::{outcome::Stats, FallbackLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let cache = service_fn(|_key: u32| async { Ok::<_, Infallible>(None::<u32>) });
+    /// let db = service_fn(|key: u32| async move { Ok::<_, Infallible>(Some(key * 10)) });
+    ///
+    /// let stats = Stats::new();
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(
+    ///         FallbackLayer::new(db)
+    ///             .accept(|r: &Result<Option<u32>, Infallible>| matches!(r, Ok(Some(_))))
+    ///             .stats(stats.clone())
+    ///             // In a real service: spawn the write into the cache, and return.
+    ///             .refill(|_key: u32, _row: &Option<u32>| Err::<(), _>("cache is read-only")),
+    ///     )
+    ///     .service(cache);
+    ///
+    /// // The failed refill is counted; the answer is the database's all the same.
+    /// assert_eq!(svc.oneshot(4).await.unwrap(), Some(40));
+    /// assert_eq!(stats.snapshot().refill_failures, 1);
+    /// # }
+    /// ```
+    pub fn refill<R2>(self, refill: R2) -> FallbackLayer<F, A, S, O, I, R2> {
+        FallbackLayer {
+            fallback: self.fallback,
+            accept: self.accept,
+            eligible: self.eligible,
+            refill,
+            settings: self.settings,
+            outer: self.outer,
+            inner: self.inner,
+        }
     }
 
     /// Bounds how long a successful fallback answer waits for the primary.
@@ -191,7 +250,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     }
 }
 
-impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
+impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     /// Calls `hook` with the outcome of every request finished by any service this
     /// layer builds. Default: no hook. See [`Fallback::on_outcome`].
     pub fn on_outcome<H>(mut self, hook: H) -> Self
@@ -226,7 +285,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
 /// Stand-ins for the builder methods of features that are off: calling one fails to
 /// compile with a message that names the feature (see `crate::feature`).
 #[allow(missing_docs)]
-impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
+impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     #[cfg(not(feature = "budget"))]
     #[doc(hidden)]
     pub fn budget<B: crate::feature::NeedsBudget>(self, _budget: B) -> Self {
@@ -267,13 +326,14 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     }
 }
 
-impl<P, F, A, S, O, I> Layer<P> for FallbackLayer<F, A, S, O, I>
+impl<P, F, A, S, O, I, R> Layer<P> for FallbackLayer<F, A, S, O, I, R>
 where
     F: Clone,
     A: Clone,
     S: Clone,
+    R: Clone,
     I: Layer<P>,
-    O: Layer<Fallback<I::Service, F, A, S>>,
+    O: Layer<Fallback<I::Service, F, A, S, R>>,
 {
     type Service = O::Service;
 
@@ -283,12 +343,13 @@ where
             self.fallback.clone(),
             self.accept.clone(),
             self.eligible.clone(),
+            self.refill.clone(),
             self.settings.clone(),
         ))
     }
 }
 
-impl<F, A, S, O, I> fmt::Debug for FallbackLayer<F, A, S, O, I>
+impl<F, A, S, O, I, R> fmt::Debug for FallbackLayer<F, A, S, O, I, R>
 where
     F: fmt::Debug,
     O: fmt::Debug,
@@ -299,6 +360,7 @@ where
             .field("fallback", &self.fallback)
             .field("accept", &TypeName::of(&self.accept))
             .field("eligible", &TypeName::of(&self.eligible))
+            .field("refill", &TypeName::of(&self.refill))
             .field("settings", &self.settings)
             .field("outer", &self.outer)
             .field("inner", &self.inner)

@@ -144,6 +144,25 @@ pub struct Outcome {
     pub fallback_latency: Option<Duration>,
     /// From the call to the end of the request.
     pub elapsed: Duration,
+    /// Whether the fallback's answer was written back by the layer's
+    /// [`refill`](crate::Fallback::refill) action, and how that went. `None` when no
+    /// refill ran: after a hit, without a refill action, for a request it keeps no key
+    /// of, for an answer served after the patience bound ran out, for an `Err`.
+    pub refill: Option<Refilled>,
+}
+
+/// What became of a request's [`refill`](crate::Fallback::refill), as reported in an
+/// [`Outcome`].
+///
+/// Also re-exported as [`refill::Refilled`](crate::refill::Refilled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Refilled {
+    /// The refill action returned `Ok`: the write was started.
+    Started,
+    /// The refill action returned an error, which was dropped. The answer was served
+    /// all the same.
+    Failed,
 }
 
 /// Why a request's fallback started when it did, as reported in an [`Outcome`].

@@ -14,6 +14,12 @@
 //! it returns is counted and dropped; it never fails the request or changes its
 //! answer.
 //!
+//! Install one with [`Fallback::refill`](crate::Fallback::refill) or
+//! [`FallbackLayer::refill`](crate::FallbackLayer::refill). What became of each
+//! request's refill is in its [`Outcome`](crate::outcome::Outcome) ([`Refilled`]) and
+//! counted in [`Snapshot::refills`](crate::outcome::Snapshot::refills) and
+//! [`Snapshot::refill_failures`](crate::outcome::Snapshot::refill_failures).
+//!
 //! [`NoRefill`], the default, keeps nothing and does nothing: a layer without a refill
 //! costs exactly what it did before.
 //!
@@ -75,6 +81,8 @@
 //! ```
 
 use std::convert::Infallible;
+
+pub use crate::outcome::Refilled;
 
 /// Writes the fallback's answer back after a miss. See the [module docs](self).
 ///

@@ -2,6 +2,7 @@ use crate::{
     accept::{Accept, AcceptOk, TypeName},
     future::ResponseFuture,
     launch::{AnyRequest, Eligible, Launch, Settings},
+    refill::{NoRefill, Refill},
 };
 use std::{
     fmt,
@@ -53,13 +54,15 @@ use tower_service::Service;
 /// caller, and the counters, the budget and the outcome stay true:
 ///
 /// - **In `call`** — the [`speculate_if`](Fallback::speculate_if) predicate, the
-///   request's `clone`, the fallback's and the predicate's `clone`, then the primary's
-///   `call`, in that order (so a panicking clone leaves the primary uncalled): the
+///   [`refill`](Fallback::refill) action's `key` and `clone`, the request's `clone`,
+///   the fallback's and the predicate's `clone`, then the primary's `call`, in that
+///   order (so a panicking clone leaves the primary uncalled): the
 ///   request leaves no trace. Nothing is deposited in the budget, and no outcome is
 ///   reported or counted; there was no request. (The deposit comes last: a budget of
 ///   your own whose `deposit` panics leaves no trace either.)
 /// - **In the response future** — either branch's future, the fallback's `poll_ready`
-///   or `call`, the [`Accept`](crate::accept::Accept) predicate, a branch's `drop`: the
+///   or `call`, the [`Accept`](crate::accept::Accept) predicate, the refill action's
+///   `refill`, a branch's `drop`: the
 ///   panic propagates out of `poll` and poisons the future. Polling it again panics
 ///   with "`ResponseFuture` polled after it panicked": a poisoned future never serves
 ///   an answer. Dropping it drops both branches and reports the request as
@@ -72,7 +75,9 @@ use tower_service::Service;
 ///     latency — it did answer;
 ///   - the fallback's `poll_ready` panicked: its fate is `DroppedBeforeReady`; its
 ///     `call` or its future panicked: `DroppedInFlight` (a `call` is counted as made
-///     even if it panics).
+///     even if it panics);
+///   - the refill action's `refill` panicked: `Rejected`, and the fallback's fate is
+///     `Discarded` (its answer was dropped unserved); no refill is counted.
 ///
 ///   The fallback launch, if any, is counted as made, and its budget withdrawal stays
 ///   spent; an adaptive launch keeps the primary's latency as a sample if it answered,
@@ -115,11 +120,12 @@ use tower_service::Service;
 ///
 /// [`tower::util::Oneshot`]: https://docs.rs/tower/latest/tower/util/struct.Oneshot.html
 #[derive(Clone)]
-pub struct Fallback<P, F, A = AcceptOk, S = AnyRequest> {
+pub struct Fallback<P, F, A = AcceptOk, S = AnyRequest, R = NoRefill> {
     primary: P,
     fallback: F,
     accept: A,
     eligible: S,
+    refill: R,
     settings: Settings,
 }
 
@@ -127,16 +133,24 @@ impl<P, F> Fallback<P, F> {
     /// Creates a service that serves from `primary` and falls back to `fallback`,
     /// accepting any `Ok` from the primary and starting both at once.
     pub fn new(primary: P, fallback: F) -> Self {
-        Fallback::from_parts(primary, fallback, AcceptOk, AnyRequest, Settings::default())
+        Fallback::from_parts(
+            primary,
+            fallback,
+            AcceptOk,
+            AnyRequest,
+            NoRefill,
+            Settings::default(),
+        )
     }
 }
 
-impl<P, F, A, S> Fallback<P, F, A, S> {
+impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     pub(crate) const fn from_parts(
         primary: P,
         fallback: F,
         accept: A,
         eligible: S,
+        refill: R,
         settings: Settings,
     ) -> Self {
         Fallback {
@@ -144,6 +158,7 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
             fallback,
             accept,
             eligible,
+            refill,
             settings,
         }
     }
@@ -154,12 +169,13 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     /// [`FallbackLayer::accept`](crate::FallbackLayer::accept) for the errors rustc
     /// gives without it. The predicate sees the primary's whole `Result`; anything it rejects is replaced
     /// by the fallback's result. The default, [`AcceptOk`], accepts every `Ok`.
-    pub fn accept<A2>(self, accept: A2) -> Fallback<P, F, A2, S> {
+    pub fn accept<A2>(self, accept: A2) -> Fallback<P, F, A2, S, R> {
         Fallback::from_parts(
             self.primary,
             self.fallback,
             accept,
             self.eligible,
+            self.refill,
             self.settings,
         )
     }
@@ -214,12 +230,71 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     ///
     /// Use it to keep requests that must not run twice (writes, non-idempotent calls)
     /// from reaching the fallback unless the primary has been rejected.
-    pub fn speculate_if<S2>(self, eligible: S2) -> Fallback<P, F, A, S2> {
+    pub fn speculate_if<S2>(self, eligible: S2) -> Fallback<P, F, A, S2, R> {
         Fallback::from_parts(
             self.primary,
             self.fallback,
             self.accept,
             eligible,
+            self.refill,
+            self.settings,
+        )
+    }
+
+    /// Writes the fallback's answer back after a miss with `refill`, a
+    /// [`Refill`](crate::refill::Refill) action or a closure
+    /// `FnMut(Req, &Res) -> Result<(), E>`. Default: [`NoRefill`], which keeps nothing
+    /// and costs nothing.
+    ///
+    /// `call` asks the action for the request's [`key`](crate::refill::Refill::key)
+    /// (`None`: this request is never refilled), and the response future keeps it, with
+    /// a clone of the action. The action's [`refill`](crate::refill::Refill::refill)
+    /// runs once, with that key and the response, when the fallback's `Ok` answer is
+    /// served **because the primary's answer was rejected** — a miss — just before
+    /// the response is returned. It is not called after a hit, for an answer served
+    /// because the [`patience`](Fallback::patience) bound ran out (the primary never
+    /// said it missed), for an `Err` (the fallback's, or its readiness error), or for a
+    /// request abandoned before it finished.
+    ///
+    /// The response waits for the action, so it **must not block**: start the write
+    /// (spawn a task, send on a channel) and return. An error it returns is counted
+    /// ([`Snapshot::refill_failures`](crate::outcome::Snapshot::refill_failures),
+    /// [`Outcome::refill`](crate::outcome::Outcome::refill)) and dropped: it never fails
+    /// the request or changes its answer. A panic in `key` happens in `call` and leaves
+    /// no trace; a panic in `refill` poisons the response future (see
+    /// [panics](Fallback#panics)).
+    ///
+    /// ```
+    /// use std::{convert::Infallible, sync::mpsc};
+    /// use tower::{service_fn, ServiceExt};
+    /// use tower_backstop::Fallback;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let cache = service_fn(|_key: u32| async { Ok::<_, Infallible>(None::<String>) });
+    /// let db = service_fn(|key: u32| async move { Ok::<_, Infallible>(Some(format!("row {key}"))) });
+    ///
+    /// // A channel to a task that writes into the cache: sending does not block.
+    /// let (writes, written) = mpsc::channel();
+    /// let svc = Fallback::new(cache, db)
+    ///     .accept(|r: &Result<Option<String>, Infallible>| matches!(r, Ok(Some(_))))
+    ///     .refill(move |key: u32, row: &Option<String>| match row {
+    ///         Some(row) => writes.send((key, row.clone())),
+    ///         None => Ok(()),
+    ///     });
+    ///
+    /// let row = svc.oneshot(7).await.unwrap();
+    /// assert_eq!(row.as_deref(), Some("row 7"));
+    /// assert_eq!(written.recv().unwrap(), (7, "row 7".to_owned()));
+    /// # }
+    /// ```
+    pub fn refill<R2>(self, refill: R2) -> Fallback<P, F, A, S, R2> {
+        Fallback::from_parts(
+            self.primary,
+            self.fallback,
+            self.accept,
+            self.eligible,
+            refill,
             self.settings,
         )
     }
@@ -273,7 +348,7 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     ///
     /// Counters: `backstop_requests_total{served}`, `backstop_fallback_total{fate}`,
     /// `backstop_fallback_launches_total{launched}`, `backstop_budget_refusals_total`,
-    /// `backstop_fallback_first_total`; histograms (seconds):
+    /// `backstop_fallback_first_total`, `backstop_refills_total{result}`; histograms (seconds):
     /// `backstop_primary_latency_seconds`, `backstop_fallback_latency_seconds`. The
     /// handles are registered here, once: install the metrics recorder before calling
     /// this.
@@ -313,6 +388,11 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
         &self.accept
     }
 
+    /// Returns a reference to the refill action.
+    pub fn refill_ref(&self) -> &R {
+        &self.refill
+    }
+
     /// Consumes `self`, returning the primary service.
     pub fn into_inner(self) -> P {
         self.primary
@@ -324,17 +404,18 @@ impl<P, F, A, S> Fallback<P, F, A, S> {
     }
 }
 
-impl<P, F, A, S, Req> Service<Req> for Fallback<P, F, A, S>
+impl<P, F, A, S, R, Req> Service<Req> for Fallback<P, F, A, S, R>
 where
     P: Service<Req>,
     F: Service<Req, Response = P::Response, Error = P::Error> + Clone,
     A: Accept<P::Response, P::Error> + Clone,
     S: Eligible<Req>,
+    R: Refill<Req, P::Response> + Clone,
     Req: Clone,
 {
     type Response = P::Response;
     type Error = P::Error;
-    type Future = ResponseFuture<P::Future, F, Req, A>;
+    type Future = ResponseFuture<P::Future, F, Req, A, R>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.primary.poll_ready(cx)
@@ -346,6 +427,11 @@ where
         // only then is the request planned (a budget deposit, an outcome tracker). A panic
         // here thus leaves no trace: nothing deposited, counted or reported.
         let eligible = self.eligible.eligible(&req);
+        // Only a request that may be refilled holds a clone of the refill action.
+        let refill = match self.refill.key(&req) {
+            Some(key) => Some((self.refill.clone(), key)),
+            None => None,
+        };
         let fallback_req = req.clone();
         // The fallback's clone is readied inside the future, never here: `self.fallback`
         // itself is never polled for readiness, so every clone starts out un-readied and
@@ -358,13 +444,14 @@ where
             fallback,
             fallback_req,
             accept,
+            refill,
             &self.settings,
             eligible,
         )
     }
 }
 
-impl<P, F, A, S> fmt::Debug for Fallback<P, F, A, S>
+impl<P, F, A, S, R> fmt::Debug for Fallback<P, F, A, S, R>
 where
     P: fmt::Debug,
     F: fmt::Debug,
@@ -375,6 +462,7 @@ where
             .field("fallback", &self.fallback)
             .field("accept", &TypeName::of(&self.accept))
             .field("eligible", &TypeName::of(&self.eligible))
+            .field("refill", &TypeName::of(&self.refill))
             .field("settings", &self.settings)
             .finish()
     }

@@ -12,7 +12,7 @@ use std::{
     mem::size_of,
 };
 use tower::{service_fn, Service};
-use tower_backstop::Fallback;
+use tower_backstop::{refill::NoRefill, Fallback};
 
 type Answer = Result<Option<u64>, Infallible>;
 
@@ -41,4 +41,29 @@ fn the_hot_future_holds_the_branches_the_predicate_and_a_word() {
     let bound = primary + branch + size_of::<fn()>() + word + word;
     let size = future_size(&svc);
     assert!(size <= bound, "{size} bytes, more than {bound}");
+}
+
+#[test]
+fn no_refill_adds_nothing_to_the_future() {
+    let cache = service_fn(|k: u64| ready(Ok::<_, Infallible>((k % 2 == 0).then_some(k))));
+    let db = service_fn(|k: u64| ready(Ok::<_, Infallible>(Some(k))));
+    let svc = Fallback::new(cache, db).accept(is_hit as fn(&Answer) -> bool);
+
+    // `NoRefill` keeps an uninhabited key: the hot part's refill slot is zero-sized,
+    // and the future is as large as before refills existed (64 bytes on 64-bit
+    // targets, measured on both sides of the change).
+    assert_eq!(size_of::<Option<(NoRefill, Infallible)>>(), 0);
+    let plain = future_size(&svc);
+    assert_eq!(future_size(&svc.clone().refill(NoRefill)), plain);
+    if size_of::<usize>() == 8 {
+        assert_eq!(plain, 64);
+    }
+
+    // A refill that keeps a `u64` key costs that key, its tag and the action.
+    let refill = |_key: u64, _res: &Option<u64>| Ok::<(), Infallible>(());
+    let with_refill = future_size(&svc.refill(refill));
+    assert!(
+        with_refill <= plain + 2 * size_of::<u64>(),
+        "{with_refill} bytes"
+    );
 }

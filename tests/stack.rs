@@ -196,7 +196,8 @@ fn debug_output_names_the_parts() {
     assert!(
         text.starts_with(
             "Fallback { primary: Named, fallback: Named, accept: tower_backstop::accept::AcceptOk, \
-             eligible: tower_backstop::launch::AnyRequest, settings: Settings { launch: Concurrent"
+             eligible: tower_backstop::launch::AnyRequest, refill: tower_backstop::refill::NoRefill, \
+             settings: Settings { launch: Concurrent"
         ),
         "{text}"
     );

@@ -270,7 +270,7 @@ pub use self::{
 use crate::{Fallback, FallbackLayer};
 use tower_layer::Stack;
 
-impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
+impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     /// Buffers request bodies in front of the fallback, up to 64 KiB, so that
     /// `http::Request`s with streamed bodies can be cloned for it.
     ///
@@ -282,7 +282,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     ///
     /// Available with the `http` feature.
     #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
-    pub fn buffer_bodies(self) -> FallbackLayer<F, A, S, BufferBodyLayer, I> {
+    pub fn buffer_bodies(self) -> FallbackLayer<F, A, S, BufferBodyLayer, I, R> {
         self.buffer_bodies_with(BufferBodyLayer::new())
     }
 
@@ -295,7 +295,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     pub fn buffer_bodies_with(
         self,
         buffer: BufferBodyLayer,
-    ) -> FallbackLayer<F, A, S, BufferBodyLayer, I> {
+    ) -> FallbackLayer<F, A, S, BufferBodyLayer, I, R> {
         self.with_parts(|f, a, s, _, i| (f, a, s, buffer, i))
     }
 
@@ -338,7 +338,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     pub fn mark_served_by(
         self,
         header: Option<http::HeaderName>,
-    ) -> FallbackLayer<MarkServedBy<F>, A, S, O, Stack<MarkServedByLayer, I>> {
+    ) -> FallbackLayer<MarkServedBy<F>, A, S, O, Stack<MarkServedByLayer, I>, R> {
         let mut primary = MarkServedByLayer::primary();
         if let Some(name) = &header {
             primary = primary.header(name.clone());
@@ -354,7 +354,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     }
 }
 
-impl<P, F, A, S> Fallback<P, F, A, S> {
+impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// Wraps this service in a [`BufferBody`] with the default cap (64 KiB), so that it
     /// accepts `http::Request`s with streamed bodies. See the [`http`](crate::http)
     /// module.

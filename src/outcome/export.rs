@@ -20,6 +20,9 @@ pub(crate) fn trace(span: &tracing::Span, o: &Outcome) {
     if let Some(latency) = o.fallback_latency {
         span.record("fallback_latency_us", latency.as_micros() as u64);
     }
+    if let Some(refill) = o.refill {
+        span.record("refill", tracing::field::debug(refill));
+    }
     tracing::debug!(
         parent: span,
         served = ?o.served,
@@ -33,7 +36,7 @@ pub(crate) fn trace(span: &tracing::Span, o: &Outcome) {
 #[cfg(feature = "metrics")]
 pub(crate) mod metrics {
     //! Outcomes through the `metrics` facade, on handles registered once per layer.
-    use crate::outcome::{Fate, Launched, Outcome, Served};
+    use crate::outcome::{Fate, Launched, Outcome, Refilled, Served};
     use ::metrics::{Counter, Histogram};
 
     /// Every handle a layer reports into, labelled `layer = <name>`.
@@ -44,6 +47,7 @@ pub(crate) mod metrics {
         launched: [Counter; 6],
         budget_refusals: Counter,
         fallback_first: Counter,
+        refills: [Counter; 2],
         primary_latency: Histogram,
         fallback_latency: Histogram,
     }
@@ -70,6 +74,10 @@ pub(crate) mod metrics {
                 "backstop_fallback_first_total",
                 "Requests whose fallback answered while the primary was still pending."
             );
+            ::metrics::describe_counter!(
+                "backstop_refills_total",
+                "Fallback answers handed to the refill action after a miss, by result (started, failed)."
+            );
             ::metrics::describe_histogram!(
                 "backstop_primary_latency_seconds",
                 ::metrics::Unit::Seconds,
@@ -89,8 +97,10 @@ pub(crate) mod metrics {
                     "launched" => why
                 )
             };
+            let refill = |result: &'static str| ::metrics::counter!("backstop_refills_total", "layer" => layer, "result" => result);
             Handles {
                 layer,
+                refills: [refill("started"), refill("failed")],
                 served: [served("primary"), served("fallback"), served("abandoned")],
                 fate: [
                     fate("not_launched"),
@@ -153,6 +163,11 @@ pub(crate) mod metrics {
             }
             if o.fallback_first {
                 self.fallback_first.increment(1);
+            }
+            match o.refill {
+                Some(Refilled::Started) => self.refills[0].increment(1),
+                Some(Refilled::Failed) => self.refills[1].increment(1),
+                None => {}
             }
             if let Some(latency) = o.primary_latency {
                 self.primary_latency.record(latency.as_secs_f64());

@@ -17,8 +17,9 @@ use std::{
 /// Counting needs no clock: each finished request costs one relaxed atomic add, into a
 /// counter for its class of outcome (who served it, what became of the fallback, why it
 /// started, whether the budget refused it and whether the fallback answered first);
-/// [`snapshot`](Stats::snapshot) sums the classes. A handle holds about 4 KiB of
-/// counters.
+/// [`snapshot`](Stats::snapshot) sums the classes. A request whose answer is handed
+/// to a [`refill`](crate::Fallback::refill) action costs one more, into a refill
+/// counter. A handle holds about 4 KiB of counters.
 #[derive(Clone, Default)]
 pub struct Stats {
     inner: Arc<Counters>,
@@ -30,12 +31,16 @@ const CLASSES: usize = 3 * 6 * 7 * 2 * 2;
 
 struct Counters {
     by_class: [AtomicU64; CLASSES],
+    /// Refills started and refills failed: counted apart from the classes, when a
+    /// refill runs, so that the classes do not double.
+    refills: [AtomicU64; 2],
 }
 
 impl Default for Counters {
     fn default() -> Self {
         Counters {
             by_class: std::array::from_fn(|_| AtomicU64::new(0)),
+            refills: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }
 }
@@ -135,6 +140,12 @@ pub struct Snapshot {
     /// Requests whose fallback answered while the primary was still pending. If this is
     /// close to `requests`, the primary is not saving latency.
     pub fallback_first: u64,
+    /// Refills started: fallback answers served after a miss and handed to the
+    /// [`refill`](crate::Fallback::refill) action, which returned `Ok`.
+    pub refills: u64,
+    /// Refills that failed: the [`refill`](crate::Fallback::refill) action returned an
+    /// error (the answer was served all the same).
+    pub refill_failures: u64,
 }
 
 impl Snapshot {
@@ -171,6 +182,9 @@ impl Stats {
                 snapshot.add(Class::from_index(i), n);
             }
         }
+        let [started, failed] = &self.inner.refills;
+        snapshot.refills = started.load(Relaxed);
+        snapshot.refill_failures = failed.load(Relaxed);
         snapshot
     }
 
@@ -183,6 +197,12 @@ impl Stats {
     #[inline]
     pub(crate) fn count(&self, class: Class) {
         self.inner.by_class[class.index()].fetch_add(1, Relaxed);
+    }
+
+    /// A refill ran: started (`ok`) or failed.
+    #[inline]
+    pub(crate) fn count_refill(&self, ok: bool) {
+        self.inner.refills[usize::from(!ok)].fetch_add(1, Relaxed);
     }
 }
 
@@ -198,7 +218,8 @@ impl fmt::Display for Snapshot {
             f,
             "{} requests: {} by primary, {} by fallback, {} abandoned; \
              {} fallback launches ({} speculative, {} cancelled, {} wasted); \
-             {} budget refusals; fallback first {} times",
+             {} budget refusals; fallback first {} times; \
+             {} refills started, {} failed",
             self.requests,
             self.served_by_primary,
             self.served_by_fallback,
@@ -209,6 +230,8 @@ impl fmt::Display for Snapshot {
             self.fallbacks_wasted,
             self.budget_refusals,
             self.fallback_first,
+            self.refills,
+            self.refill_failures,
         )
     }
 }

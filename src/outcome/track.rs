@@ -1,6 +1,6 @@
 //! The per-request record: what the observers will be told about one request.
 
-use super::{stats::Class, Fate, Launched, Outcome, Served, Stats, Verdict};
+use super::{stats::Class, Fate, Launched, Outcome, Refilled, Served, Stats, Verdict};
 use std::{fmt, sync::Arc, time::Duration};
 
 #[cfg(not(feature = "time"))]
@@ -65,6 +65,7 @@ pub(crate) struct Tracker {
     launched: Option<Launched>,
     budget_refused: bool,
     fallback_first: bool,
+    refill: Option<Refilled>,
     /// The layer's `Stats`, if it counts. Kept when the cold part is pooled, and reused
     /// by the next request of a layer with the same `Stats`: counting then costs no
     /// reference-count traffic. (It holds counters only: keeping it runs no user code
@@ -99,6 +100,7 @@ impl Default for Tracker {
             launched: None,
             budget_refused: false,
             fallback_first: false,
+            refill: None,
             stats: None,
             timed: None,
             reading: None,
@@ -122,6 +124,7 @@ impl Tracker {
         self.launched = None;
         self.budget_refused = false;
         self.fallback_first = false;
+        self.refill = None;
 
         // No span at all unless a subscriber may want it: making one costs even when
         // nobody listens.
@@ -255,6 +258,22 @@ impl Tracker {
         };
     }
 
+    /// The refill action ran on the served answer, and returned `Ok` (`ok`) or an
+    /// error. Counted at once: only a request that is about to be served gets here.
+    #[inline]
+    pub(crate) fn refilled(&mut self, ok: bool) {
+        if self.active {
+            self.refill = Some(if ok {
+                Refilled::Started
+            } else {
+                Refilled::Failed
+            });
+            if let Some(stats) = &self.stats {
+                stats.count_refill(ok);
+            }
+        }
+    }
+
     /// Reports the request as finished. Later calls, and the drop, report nothing.
     #[inline]
     pub(crate) fn finish(&mut self, served: Served) {
@@ -302,6 +321,7 @@ impl Tracker {
             primary_latency: t.primary_latency,
             fallback_latency: t.fallback_latency,
             elapsed: end.saturating_duration_since(t.start),
+            refill: self.refill,
         };
         #[cfg(feature = "tracing")]
         if let Some(span) = &t.span {
@@ -334,6 +354,7 @@ fn listening_span() -> Option<tracing::Span> {
         fallback_first = tracing::field::Empty,
         primary_latency_us = tracing::field::Empty,
         fallback_latency_us = tracing::field::Empty,
+        refill = tracing::field::Empty,
     );
     // A callsite once enabled by any subscriber makes spans even where none listens;
     // those go to the no-op subscriber and are not worth tracking for.

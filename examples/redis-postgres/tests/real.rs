@@ -310,13 +310,9 @@ where
     out
 }
 
-// ---- refill on a miss: the `Refill` API is in `tower_backstop::refill`; the layer does
-// not call it yet. Wire `FallbackLayer::refill` in `with_refill` and drop the `ignore`s.
+// ---- refill on a miss: `FallbackLayer::refill` writes the database's answer back.
 
-const REFILL_PENDING: &str =
-    "waits for FallbackLayer::refill (issue 13 part 3): the hook is not wired yet";
-
-/// The stack with a refill. Until the hook lands the refill is not installed.
+/// The stack with a refill, counting into `stats`.
 fn with_refill<R>(
     cache: impl Service<i64, Response = Option<Row>, Error = Error, Future: Send>
         + Clone
@@ -324,24 +320,24 @@ fn with_refill<R>(
         + 'static,
     db: impl Service<i64, Response = Option<Row>, Error = Error, Future: Send> + Clone + Send + 'static,
     refill: R,
+    stats: Stats,
 ) -> impl Service<i64, Response = Option<Row>, Error = Error> + Clone
 where
     R: tower_backstop::refill::Refill<i64, Option<Row>> + Clone,
 {
-    let _ = refill; // the lead: `.refill(refill)` on the layer below
     ServiceBuilder::new()
         .layer(
             FallbackLayer::new(db)
                 .accept(is_hit)
-                .launch(Launch::Concurrent),
+                .launch(Launch::Concurrent)
+                .stats(stats)
+                .refill(refill),
         )
         .service(cache)
 }
 
 #[tokio::test]
-#[ignore = "waits for FallbackLayer::refill (issue 13 part 3): the hook is not wired yet"]
 async fn refill_a_miss_then_the_same_key_is_a_hit_from_redis() {
-    let _ = REFILL_PENDING;
     let Some(servers) = Servers::for_test("refill_a_miss_then_the_same_key_is_a_hit_from_redis")
     else {
         return;
@@ -354,10 +350,12 @@ async fn refill_a_miss_then_the_same_key_is_a_hit_from_redis() {
         failures: failures.clone(),
     };
     let counters = Arc::new(DbCounters::default());
+    let stats = Stats::new();
     let svc = with_refill(
         cache(redis.clone()),
         database(pool, cancel_addr, LOOKUP, counters.clone()),
         write_back,
+        stats.clone(),
     );
     let first = svc.clone().oneshot(4001).await.unwrap().unwrap();
     assert_eq!(first.source, Source::Database);
@@ -374,10 +372,14 @@ async fn refill_a_miss_then_the_same_key_is_a_hit_from_redis() {
     let second = second.expect("the miss was never written back into Redis");
     assert_eq!((second.count, &second.digest), (first.count, &first.digest));
     assert_eq!(failures.load(Relaxed), 0);
+    // One refill per miss served before the write landed, none failed.
+    let counted = stats.snapshot();
+    assert_eq!(counted.refills, counted.served_by_fallback);
+    assert!(counted.refills >= 1);
+    assert_eq!(counted.refill_failures, 0);
 }
 
 #[tokio::test]
-#[ignore = "waits for FallbackLayer::refill (issue 13 part 3): the hook is not wired yet"]
 async fn failing_refill_does_not_change_the_answer() {
     let Some(servers) = Servers::for_test("failing_refill_does_not_change_the_answer") else {
         return;
@@ -386,16 +388,21 @@ async fn failing_refill_does_not_change_the_answer() {
     forget(&mut redis, 4002).await;
     let failing = |_key: i64, _row: &Option<Row>| Err::<(), _>("the cache refused the write");
     let counters = Arc::new(DbCounters::default());
+    let stats = Stats::new();
     let svc = with_refill(
         cache(redis.clone()),
         database(pool, cancel_addr, LOOKUP, counters),
         failing,
+        stats.clone(),
     );
     let answer: Answer = svc.clone().oneshot(4002).await;
     let row = answer.unwrap().unwrap();
     assert_eq!((row.source, row.count), (Source::Database, 12_000));
+    assert_eq!(stats.snapshot().refill_failures, 1);
     // Still a miss: nothing was written.
     let again = svc.oneshot(4002).await.unwrap().unwrap();
     assert_eq!(again.source, Source::Database);
-    // The lead: also assert the failure was counted (e.g. `Snapshot::refill_failures == 1`).
+    // Both misses were handed to the refill, which failed both times.
+    let counted = stats.snapshot();
+    assert_eq!((counted.refills, counted.refill_failures), (0, 2));
 }

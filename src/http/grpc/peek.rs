@@ -200,7 +200,7 @@ impl<S> Layer<S> for PeekGrpcStatusLayer {
     }
 }
 
-impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
+impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     /// Judges gRPC answers whose status comes in their trailers with no message before
     /// it (akka-grpc, Python's grpcio): wraps the primary in [`PeekGrpcStatus`] inside
     /// this layer, and the fallback in [`PeekGrpcStatus::pass_through`], so that both
@@ -247,7 +247,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     #[cfg_attr(docsrs, doc(cfg(all(feature = "http", feature = "time"))))]
     pub fn peek_grpc_status(
         self,
-    ) -> FallbackLayer<PeekGrpcStatus<F>, A, S, O, Stack<PeekGrpcStatusLayer, I>> {
+    ) -> FallbackLayer<PeekGrpcStatus<F>, A, S, O, Stack<PeekGrpcStatusLayer, I>, R> {
         self.peek_grpc_status_with(PeekGrpcStatusLayer::new())
     }
 
@@ -261,7 +261,7 @@ impl<F, A, S, O, I> FallbackLayer<F, A, S, O, I> {
     pub fn peek_grpc_status_with(
         self,
         peek: PeekGrpcStatusLayer,
-    ) -> FallbackLayer<PeekGrpcStatus<F>, A, S, O, Stack<PeekGrpcStatusLayer, I>> {
+    ) -> FallbackLayer<PeekGrpcStatus<F>, A, S, O, Stack<PeekGrpcStatusLayer, I>, R> {
         let pass_through = PeekGrpcStatusLayer {
             peek: false,
             ..peek

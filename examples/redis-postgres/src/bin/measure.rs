@@ -5,8 +5,11 @@
 //! cd examples/redis-postgres && cargo run --bin measure -- [REQUESTS] [CONCURRENCY]
 //! ```
 //!
-//! For each launch policy: `REQUESTS` lookups (default 2000; at most 60 s each),
-//! `CONCURRENCY` at a time (default 4), over 1000 keys of which 80% are in Redis.
+//! For each launch policy, with the refill off and then on: `REQUESTS` lookups
+//! (default 2000; at most 60 s each), `CONCURRENCY` at a time (default 4), over 1000
+//! keys of which 80% are in Redis at the start of each run. With the refill on, each
+//! miss's row is written back into Redis (`WriteBack`), so later lookups of that key
+//! are hits.
 //! Latency is per request, from `call` to the answer, split by who answered (hit:
 //! Redis, miss: PostgreSQL). The database columns: queries sent to the server,
 //! cancel requests sent for calls dropped mid-query, queries cancelled by the server (transactions rolled back, from `pg_stat_database`), and
@@ -23,13 +26,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+use redis::aio::ConnectionManager;
 use redis_postgres::{
-    cache, connect, database, env::Servers, pool, put, stack, DbCounters, Source, LOOKUP,
+    cache, connect, database, env::Servers, is_hit, pool, put, DbCounters, Error, Row, Source,
+    WriteBack, LOOKUP,
 };
-use tower::ServiceExt;
+use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_backstop::{
     launch::{Adaptive, Launch},
     outcome::Stats,
+    refill::Refill,
+    FallbackLayer,
 };
 
 const KEYS: usize = 1000;
@@ -61,6 +68,48 @@ fn percentiles(mut v: Vec<f64>) -> String {
     format!("{:.2} / {:.2} / {:.2}", at(0.5), at(0.99), at(0.999))
 }
 
+/// The refill, or none: one type for both rows of a policy.
+#[derive(Clone)]
+struct Toggle(Option<WriteBack>);
+
+impl Refill<i64, Option<Row>> for Toggle {
+    type Key = i64;
+    type Error = std::convert::Infallible;
+
+    fn key(&mut self, key: &i64) -> Option<i64> {
+        self.0.as_mut()?.key(key)
+    }
+
+    fn refill(&mut self, key: i64, row: &Option<Row>) -> Result<(), Self::Error> {
+        match &mut self.0 {
+            Some(write_back) => write_back.refill(key, row),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Puts Redis back in its starting state: exactly the cached keys' rows, read from
+/// PostgreSQL through `warm`.
+async fn reset_cache<W>(
+    redis: &mut ConnectionManager,
+    warm: &W,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    W: Service<i64, Response = Option<Row>, Error = Error> + Clone,
+{
+    for i in 0..KEYS {
+        let _: () = redis::cmd("DEL")
+            .arg(redis_postgres::cache_key(key(i)))
+            .query_async(redis)
+            .await?;
+        if cached(i) {
+            let row = warm.clone().oneshot(key(i)).await?.expect("a row");
+            put(redis, &row).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn rollbacks(monitor: &tokio_postgres::Client) -> i64 {
     monitor
         .query_one(
@@ -83,19 +132,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio_postgres::connect(&servers.database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
 
-    // Fill Redis with the cached keys' rows, from PostgreSQL. These calls are never
-    // dropped, so their cancel address is never used.
+    // Fills Redis with the cached keys' rows, from PostgreSQL, before each run. These
+    // calls are never dropped, so their cancel address is never used.
     let warm = database(seed_pool, "127.0.0.1:1".into(), LOOKUP, Default::default());
-    for i in 0..KEYS {
-        let _: () = redis::cmd("DEL")
-            .arg(redis_postgres::cache_key(key(i)))
-            .query_async(&mut redis)
-            .await?;
-        if cached(i) {
-            let row = warm.clone().oneshot(key(i)).await?.expect("a row");
-            put(&mut redis, &row).await?;
-        }
-    }
 
     let policies: Vec<(&str, Launch)> = vec![
         ("Sequential", Launch::Sequential),
@@ -110,18 +149,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{requests} requests per policy, {concurrency} at a time, {HIT_PERCENT}% hits; \
          latency in ms (p50 / p99 / p99.9)\n"
     );
-    println!("| policy | hits | hit latency | misses | miss latency | queries sent | cancel requests | cancelled on server | wasted | queries per request |");
-    println!("|---|---:|---|---:|---|---:|---:|---:|---:|---:|");
-    for (name, launch) in policies {
+    println!("| policy | refill | hits | hit latency | misses | miss latency | queries sent | cancel requests | cancelled on server | wasted | queries per request |");
+    println!("|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|");
+    let runs = policies
+        .into_iter()
+        .flat_map(|(name, launch)| [(name, launch.clone(), false), (name, launch, true)]);
+    for (name, launch, refill) in runs {
+        reset_cache(&mut redis, &warm).await?;
         let (pool, cancel_addr) = pool(&servers.database_url, concurrency)?;
         let counters = Arc::new(DbCounters::default());
         let stats = Stats::new();
-        let svc = stack(
-            cache(redis.clone()),
-            database(pool.clone(), cancel_addr, LOOKUP, counters.clone()),
-            launch,
-            stats.clone(),
-        );
+        let write_back = refill.then(|| WriteBack {
+            redis: redis.clone(),
+            failures: Default::default(),
+        });
+        let svc = ServiceBuilder::new()
+            .layer(
+                FallbackLayer::new(database(
+                    pool.clone(),
+                    cancel_addr,
+                    LOOKUP,
+                    counters.clone(),
+                ))
+                .accept(is_hit)
+                .launch(launch)
+                .stats(stats.clone())
+                .refill(Toggle(write_back)),
+            )
+            .service(cache(redis.clone()));
         let rolled_back_before = rollbacks(&monitor).await;
         let next = Arc::new(AtomicUsize::new(0));
         let samples = Arc::new(Mutex::new((Vec::new(), Vec::new())));
@@ -171,7 +226,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let served = stats.snapshot().served_by_fallback as i64;
         let done = (hits.len() + misses.len()) as f64;
         println!(
-            "| {name} | {} | {} | {} | {} | {sent} | {} | {cancelled} | {} | {:.2} |",
+            "| {name} | {} | {} | {} | {} | {} | {sent} | {} | {cancelled} | {} | {:.2} |",
+            if refill { "on" } else { "off" },
             hits.len(),
             percentiles(hits),
             misses.len(),
