@@ -77,6 +77,16 @@
 //!
 //! [`Stats`]: outcome::Stats
 //!
+//! # Stopping abandoned work, and refilling the primary
+//!
+//! Dropping the fallback's future stops the client, not the server: a database query
+//! runs on. The [`cancel`] module's [`OnCancel`](cancel::OnCancel) runs an action of
+//! yours (a PostgreSQL cancel request, say) when a call is dropped before it answered.
+//! [`Fallback::refill`] hands the request and the fallback's answer of every miss to an
+//! action of yours (writing the row back to the cache) without delaying the answer; see
+//! the [`refill`] module. `examples/redis-postgres` in the repository does both against
+//! real Redis and PostgreSQL servers.
+//!
 //! # Requirements
 //!
 //! - Both services take the same request type, which must be `Clone`: the primary gets
