@@ -34,3 +34,11 @@ pub trait NeedsMetrics {}
     note = "enable it: tower-backstop = {{ version = \"0.1\", features = [\"http\"] }}"
 )]
 pub trait NeedsHttp {}
+
+/// Never implemented: bounds the stand-in of `peek_grpc_status`.
+#[diagnostic::on_unimplemented(
+    message = "this method needs the `http` and `time` features of tower-backstop",
+    label = "called without the `http` and `time` features",
+    note = "enable them: tower-backstop = {{ version = \"0.1\", features = [\"http\", \"time\"] }}"
+)]
+pub trait NeedsHttpAndTime {}

@@ -324,6 +324,16 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     pub fn mark_served_by<H: crate::feature::NeedsHttp>(self, _header: H) -> Self {
         self
     }
+
+    // Reading the first frame is bounded on tokio's timer: `http` alone is not enough.
+    #[cfg(not(all(feature = "http", feature = "time")))]
+    #[doc(hidden)]
+    pub fn peek_grpc_status(self) -> Self
+    where
+        F: crate::feature::NeedsHttpAndTime,
+    {
+        self
+    }
 }
 
 impl<P, F, A, S, O, I, R> Layer<P> for FallbackLayer<F, A, S, O, I, R>

@@ -18,7 +18,6 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_backstop::{
     http::{
         accept::{GrpcCode, GrpcStatus},
-        grpc::PeekBody,
         BufferBodyLayer, ReplayBody,
     },
     FallbackLayer,
@@ -262,7 +261,9 @@ async fn an_unreachable_primary_is_served_by_the_fallback() {
     servers.stop().await;
 }
 
-/// [`client_with`]'s stack with `peek_grpc_status`: the body type is `PeekBody`.
+/// [`client_with`]'s stack with `peek_grpc_status` (features `http` and `time`): the
+/// body type is `PeekBody`.
+#[cfg(feature = "time")]
 async fn peeking_client(
     primary: Channel,
     fallback: Channel,
@@ -271,7 +272,7 @@ async fn peeking_client(
     impl tonic::client::GrpcService<
             tonic::body::Body,
             Error = tonic::transport::Error,
-            ResponseBody = PeekBody<tonic::body::Body>,
+            ResponseBody = tower_backstop::http::grpc::PeekBody<tonic::body::Body>,
             Future = impl Send,
         > + Clone
         + Send,
@@ -291,6 +292,7 @@ async fn peeking_client(
     HealthClient::new(channel)
 }
 
+#[cfg(feature = "time")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_peek_grpc_status_a_status_in_the_headers_is_judged_as_before() {
     let servers = Servers::start().await;
