@@ -34,7 +34,7 @@
 
 use crate::{
     accept::Accept,
-    launch::{Launched, Plan, Settings},
+    launch::{Deferred, Launched, Plan, Settings},
     outcome::Served,
     refill::{NoRefill, Refill},
 };
@@ -86,17 +86,28 @@ pin_project! {
         // The refill action and what it keeps of the request, if it may refill it: taken
         // when it runs. Zero-sized with `NoRefill`, whose key is uninhabited.
         refill: Option<(R, R::Key)>,
-        // When the fallback may start speculatively, and why.
-        plan: Plan,
-        // Whether the fallback has been launched (it may still be waiting for readiness).
-        launched: bool,
-        // Set for the length of each `poll`: still set afterwards only if that poll
-        // panicked, which poisons the future.
-        polling: bool,
+        // The plan and the flags, in one word: one field for the projection to point at.
+        control: Control,
         // Everything optional. Last, so that it is dropped after both branches: an
         // abandoned request is reported once they are gone.
         cold: ColdSlot,
     }
+}
+
+/// The plan and the flags of a response future.
+#[derive(Clone, Copy)]
+struct Control {
+    /// When the fallback may start speculatively, and why.
+    plan: Plan,
+    /// The delay or patience to fill a cold part taken late with: `Deferred::NONE` unless
+    /// the layer's requests take none at `call`, and one at the first poll that needs it.
+    #[cfg_attr(not(feature = "time"), allow(dead_code))]
+    deferred: Deferred,
+    /// Whether the fallback has been launched (it may still be waiting for readiness).
+    launched: bool,
+    /// Set for the length of each `poll`: still set afterwards only if that poll
+    /// panicked, which poisons the future.
+    polling: bool,
 }
 
 pin_project! {
@@ -152,9 +163,12 @@ where
             },
             accept,
             refill,
-            plan,
-            launched: false,
-            polling: false,
+            control: Control {
+                plan,
+                deferred: settings.deferred,
+                launched: false,
+                polling: false,
+            },
             cold: ColdSlot::new(settings, plan),
         }
     }
@@ -210,12 +224,12 @@ where
         // CORRECTNESS: a panic in user code can leave the state half-updated — an answer
         // taken but not judged, a request taken but no call made. Such a future must
         // never serve anything, or it would serve what nobody decided to serve.
-        if *this.polling {
+        if this.control.polling {
             poisoned();
         }
-        *this.polling = true;
+        this.control.polling = true;
         let poll = Self::poll_primary(&mut this, cx);
-        *this.polling = false;
+        this.control.polling = false;
         poll
     }
 
@@ -253,9 +267,9 @@ where
                 }
                 // Rejected: the fallback starts now if it has not yet, whatever the
                 // policy and the budget say. This launch is not speculative.
-                if !*this.launched {
-                    *this.launched = true;
-                    let why = this.plan.reason(false);
+                if !this.control.launched {
+                    this.control.launched = true;
+                    let why = this.control.plan.reason(false);
                     if let Some(cold) = this.cold.get() {
                         cold.tracker().launched(why);
                     }
@@ -275,14 +289,19 @@ where
     ) -> Poll<Result<T, E>> {
         let primary_pending = this.primary.is_some();
 
-        if primary_pending && !*this.launched {
+        if primary_pending && !this.control.launched {
+            // A waiting plan without a cold part takes it late: now, to arm the delay.
+            #[cfg(feature = "time")]
+            if matches!(this.control.plan, Plan::Wait(_)) && !this.cold.is_some() {
+                this.cold.take_late(this.control.deferred.get(), None);
+            }
             if let Some(cold) = this.cold.get() {
                 // A delay that never runs out: only a rejection launches.
                 if !cold.primary_pending() {
-                    *this.plan = Plan::OnReject(Launched::AfterRejection);
+                    this.control.plan = Plan::OnReject(Launched::AfterRejection);
                 }
             }
-            match *this.plan {
+            match this.control.plan {
                 Plan::Now => {}
                 Plan::OnReject(_) => return Poll::Pending,
                 // A waiting plan always has a cold part, which holds the delay.
@@ -298,12 +317,12 @@ where
             // which wakes this task, launches the fallback if it is rejected.
             if let Some(cold) = this.cold.get() {
                 if !cold.withdraw() {
-                    *this.plan = Plan::OnReject(Launched::BudgetRefused);
+                    this.control.plan = Plan::OnReject(Launched::BudgetRefused);
                     return Poll::Pending;
                 }
             }
-            *this.launched = true;
-            let why = this.plan.reason(true);
+            this.control.launched = true;
+            let why = this.control.plan.reason(true);
             if let Some(cold) = this.cold.get() {
                 cold.tracker().launched(why);
             }
@@ -361,7 +380,16 @@ where
                         return Poll::Ready(result);
                     }
                     // The primary is preferred: hold the fallback's answer until the
-                    // primary's verdict, or until the patience bound runs out.
+                    // primary's verdict, or until the patience bound runs out. A request
+                    // taking its cold part late takes it now, if an `Ok` answer arms the
+                    // patience (a waiting plan took it when it launched).
+                    #[cfg(feature = "time")]
+                    if result.is_ok()
+                        && !this.cold.is_some()
+                        && this.control.deferred != Deferred::NONE
+                    {
+                        this.cold.take_late(None, this.control.deferred.get());
+                    }
                     if let Some(cold) = this.cold.get() {
                         cold.fallback_answered_first(result.is_ok());
                     }
@@ -437,7 +465,7 @@ where
             "Done"
         };
         let fallback = match &self.fallback {
-            Branch::NotReady { .. } if !self.launched => "Waiting",
+            Branch::NotReady { .. } if !self.control.launched => "Waiting",
             Branch::NotReady { .. } => "NotReady",
             Branch::Called { .. } => "Called",
             Branch::Answered { .. } => "Answered",
@@ -446,11 +474,11 @@ where
         f.debug_struct("ResponseFuture")
             .field("primary", &primary)
             .field("fallback", &fallback)
-            .field("plan", &self.plan)
-            .field("launched", &self.launched)
+            .field("plan", &self.control.plan)
+            .field("launched", &self.control.launched)
             .field("refill", &self.refill.is_some())
             .field("tracker", &self.cold)
-            .field("poisoned", &self.polling)
+            .field("poisoned", &self.control.polling)
             .finish_non_exhaustive()
     }
 }
