@@ -230,8 +230,9 @@ impl Cold {
         });
     }
 
-    /// The primary answered. Its answer is not judged yet.
-    #[inline(never)]
+    /// The primary answered. Its answer is not judged yet. Inlined into the cold poll:
+    /// counting alone needs nothing more of it than the tracker's update.
+    #[inline]
     pub(crate) fn primary_answered(self: Pin<&mut Self>) {
         let mut this = self.project();
         #[cfg(feature = "adaptive")]
