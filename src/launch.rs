@@ -157,6 +157,40 @@ pub(crate) struct Settings {
     /// Whether a request's cold part holds anything of the launch: a delay, patience, a
     /// budget or an adaptive sample (rather than observers alone).
     pub(crate) launch_state: bool,
+    /// What a cold part taken late is filled with: [`Deferred::NONE`] unless requests
+    /// take their cold part late. Such requests need none at `call` (`NeedsCold::Never`),
+    /// and one at the first poll that needs it — to arm the launch delay when the
+    /// primary is first found pending, or the patience bound when the fallback answers
+    /// first — so a primary that answers on its first poll never needs one.
+    pub(crate) deferred: Deferred,
+}
+
+/// What a response future whose cold part is taken late fills it with, in the hot part:
+/// the launch delay of a `Plan::Wait`, or else the patience, in whole milliseconds (four
+/// bytes, which the hot future's flags leave as padding anyway). [`Deferred::NONE`] if
+/// there is nothing to take a cold part late for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Deferred(u32);
+
+impl Deferred {
+    pub(crate) const NONE: Deferred = Deferred(u32::MAX);
+
+    /// `d` if it is a whole number of milliseconds this can hold, else `None`.
+    #[cfg(feature = "time")]
+    fn exact(d: Duration) -> Option<Deferred> {
+        if d.subsec_nanos() % 1_000_000 != 0 {
+            return None;
+        }
+        let ms = u32::try_from(d.as_millis()).ok()?;
+        (ms != u32::MAX).then_some(Deferred(ms))
+    }
+
+    /// The duration held, if any.
+    #[cfg(feature = "time")]
+    #[inline]
+    pub(crate) fn get(self) -> Option<Duration> {
+        (self != Deferred::NONE).then(|| Duration::from_millis(u64::from(self.0)))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,6 +213,7 @@ impl Default for Settings {
             plans: [Plan::Now; 2],
             cold: NeedsCold::Never,
             launch_state: false,
+            deferred: Deferred::NONE,
         };
         settings.refresh();
         settings
@@ -254,6 +289,28 @@ impl Settings {
             (false, true) => NeedsCold::IfSpeculating,
             (false, false) => NeedsCold::Never,
         };
+        self.deferred = Deferred::NONE;
+        #[cfg(feature = "time")]
+        if launch && !budget && self.observers.is_none() {
+            if let Some(deferred) = self.late() {
+                self.cold = NeedsCold::Never;
+                self.deferred = deferred;
+            }
+        }
+    }
+
+    /// What a request of a layer whose only options are a delay or patience (not both)
+    /// needs to take its cold part late, if that can be held in a [`Deferred`]: anything
+    /// else — an adaptive launch, which samples every request from its `call`, a delay
+    /// with patience, a duration that is not a whole number of milliseconds — takes it
+    /// at `call`.
+    #[cfg(feature = "time")]
+    fn late(&self) -> Option<Deferred> {
+        match (&self.launch, self.patience) {
+            (Launch::Delayed(delay), None) => Deferred::exact(on_timer(*delay)),
+            (Launch::Concurrent | Launch::Sequential, Some(patience)) => Deferred::exact(patience),
+            _ => None,
+        }
     }
 
     /// Plans one request: called once per request, in `call`, after all the user code

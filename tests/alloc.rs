@@ -561,3 +561,51 @@ fn recycled_cold_parts_keep_nothing_of_a_layer_alive() {
         "only the test holds the hook's Arc"
     );
 }
+
+/// Serves `N` hits and `N` misses whose primary answers on its first poll through
+/// `layer`, on a thread of its own and without a warm-up, so that its free list of cold
+/// parts is empty: taking one would allocate it. Returns the allocations counted.
+#[cfg(feature = "time")]
+fn first_poll_answers_on_a_new_thread<L>(layer: L) -> usize
+where
+    L: Layer<Cache> + Send + 'static,
+    L::Service: Service<u64, Response = Option<u64>, Error = Infallible>,
+{
+    std::thread::spawn(move || {
+        let rt = timer_runtime();
+        let _entered = rt.enter();
+        let mut svc = layer.layer(Cache);
+        let (allocations, correct) = allocations_in(|| {
+            let hits = keys(0, N).filter(|&k| serve_polling(&mut svc, k) == Ok(Some(k)));
+            let hits = hits.count() as u64;
+            let misses = keys(1, N).filter(|&k| serve_polling(&mut svc, k) == Ok(Some(from_db(k))));
+            hits + misses.count() as u64
+        });
+        assert_eq!(
+            correct,
+            2 * N,
+            "every request is served by the right service"
+        );
+        allocations
+    })
+    .join()
+    .unwrap()
+}
+
+#[cfg(feature = "time")]
+#[test]
+fn a_delayed_layer_takes_no_cold_part_when_the_primary_answers_at_once() {
+    let _serial = serial();
+    // The launch delay is armed only when the primary is found pending.
+    let layer = layer().launch(Launch::Delayed(std::time::Duration::from_millis(50)));
+    assert_eq!(first_poll_answers_on_a_new_thread(layer), 0);
+}
+
+#[cfg(feature = "time")]
+#[test]
+fn a_patient_layer_takes_no_cold_part_when_the_primary_answers_at_once() {
+    let _serial = serial();
+    // The patience bound is armed only when the fallback answers first.
+    let layer = layer().patience(std::time::Duration::from_millis(50));
+    assert_eq!(first_poll_answers_on_a_new_thread(layer), 0);
+}

@@ -73,6 +73,22 @@ impl ColdSlot {
         ColdSlot(Cold::take(settings, plan, needed))
     }
 
+    /// Takes the cold part of a request whose layer takes it late (`NeedsCold::Late`), at
+    /// the first poll that needs it: holding `delay` to arm, or `patience`.
+    #[cfg(feature = "time")]
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn take_late(&mut self, delay: Option<Duration>, patience: Option<Duration>) {
+        let mut cold = Cold::pop();
+        let parts = cold.as_mut().project().parts;
+        // Nobody observes the request: a `tracing` subscriber that listened at `call`
+        // would have had its cold part taken then.
+        parts.tracker.unobserved();
+        parts.delay = delay;
+        parts.patience = patience;
+        self.0 = Some(cold);
+    }
+
     #[inline(always)]
     pub(crate) fn is_some(&self) -> bool {
         self.0.is_some()
@@ -114,16 +130,7 @@ impl Cold {
     #[cold]
     #[inline(never)]
     fn take(settings: &Settings, plan: Plan, needed: bool) -> Option<Pin<Box<Cold>>> {
-        let mut cold = POOL
-            .try_with(|pool| pool.try_borrow_mut().ok()?.pop())
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| {
-                Box::pin(Cold {
-                    timer: None,
-                    parts: Parts::default(),
-                })
-            });
+        let mut cold = Cold::pop();
         // A pooled part holds stale tracker data, which `start` resets, and no handle but
         // a `Stats` and an `Adaptive` (see `Tracker::stats`, `Sampler`).
         let parts = cold.as_mut().project().parts;
@@ -173,6 +180,21 @@ impl Cold {
         Some(cold)
     }
 
+    /// A cold part from this thread's free list, or a new one: holding stale tracker data
+    /// and no handle but a `Stats` and an `Adaptive`.
+    #[inline(always)]
+    fn pop() -> Pin<Box<Cold>> {
+        POOL.try_with(|pool| pool.try_borrow_mut().ok()?.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| {
+                Box::pin(Cold {
+                    timer: None,
+                    parts: Parts::default(),
+                })
+            })
+    }
+
     /// Reports an unfinished request as abandoned, drops every handle the part holds
     /// (but a `Stats`) and puts it back on the free list.
     #[cold]
@@ -208,8 +230,9 @@ impl Cold {
         });
     }
 
-    /// The primary answered. Its answer is not judged yet.
-    #[inline(never)]
+    /// The primary answered. Its answer is not judged yet. Inlined into the cold poll:
+    /// counting alone needs nothing more of it than the tracker's update.
+    #[inline]
     pub(crate) fn primary_answered(self: Pin<&mut Self>) {
         let mut this = self.project();
         #[cfg(feature = "adaptive")]

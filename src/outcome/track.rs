@@ -168,6 +168,15 @@ impl Tracker {
         self.start(observers)
     }
 
+    /// Makes a pooled record that of a request nobody observes, whatever listens now: for
+    /// a cold part taken after `call`, which observers would have had to time from it.
+    #[cfg(feature = "time")]
+    #[inline]
+    pub(crate) fn unobserved(&mut self) {
+        self.active = false;
+        self.stats = None;
+    }
+
     /// A poll begins: times taken from now on read the clock again (once).
     #[inline]
     pub(crate) fn new_poll(&mut self) {
