@@ -307,6 +307,10 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// served and the primary's future is dropped. A fallback error never cuts the
     /// primary short.
     ///
+    /// Like a launch delay, the bound runs on tokio's timer, which fires on
+    /// whole-millisecond ticks: the primary gets at least `patience`, and up to about
+    /// 1 ms more (a sub-millisecond patience waits for the next tick).
+    ///
     /// Available with the `time` feature (on by default).
     #[cfg(feature = "time")]
     #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
