@@ -190,6 +190,9 @@
 //! grpcio's errors), by reading the primary's first body frame (see [`grpc`]):
 //!
 //! ```no_run
+//! # // `peek_grpc_status` also needs the `time` feature.
+//! # #[cfg(feature = "time")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use tonic::{body::Body, transport::Channel};
 //! use tonic_health::pb::health_client::HealthClient;
 //! use tower::{ServiceBuilder, ServiceExt};
@@ -198,7 +201,6 @@
 //!     FallbackLayer,
 //! };
 //!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let primary = Channel::from_static("http://127.0.0.1:50051").connect().await?;
 //! let fallback = Channel::from_static("http://127.0.0.1:50052").connect().await?;
 //! let to_tonic = |req: http::Request<ReplayBody>| req.map(Body::new);
