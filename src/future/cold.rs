@@ -196,7 +196,8 @@ impl Cold {
     }
 
     /// Reports an unfinished request as abandoned, drops every handle the part holds
-    /// (but a `Stats`) and puts it back on the free list.
+    /// (but a `Stats` and an `Adaptive` estimate, which are only data) and puts it back
+    /// on the free list.
     #[cold]
     #[inline(never)]
     fn recycle(mut cold: Pin<Box<Cold>>) {

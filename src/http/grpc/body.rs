@@ -16,7 +16,8 @@ pin_project! {
     ///
     /// It yields, in order: the frame read ahead, if any (a data frame, the trailers,
     /// or the error the body failed with), then the rest of the original body. Nothing
-    /// is copied or reordered, so the caller reads exactly what the server sent. Its
+    /// is copied or reordered; the only frames left out are empty data frames skipped
+    /// before the first one that carries something. Its
     /// `Data` and `Error` types are the original body's.
     ///
     /// Built by `PeekGrpcStatus`; both branches of a [`Fallback`](crate::Fallback)

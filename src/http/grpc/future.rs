@@ -133,7 +133,7 @@ where
                             let timer = deadline.as_pin_mut().expect("set above");
                             ready!(timer.poll(cx));
                             // Waited long enough: hand the response on as it is, its
-                            // status still unknown. Nothing was taken from the body.
+                            // status still unknown. No frame that carries anything was taken from the body.
                             (Held::Nothing, None)
                         }
                     };

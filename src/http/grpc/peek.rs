@@ -46,7 +46,8 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 /// Empty data frames carry no message and are skipped (a body made only of them runs
 /// into `max_wait`). In every case the response's body is a [`PeekBody`] that yields
 /// the frame read ahead first and then the rest of the original body: the caller
-/// receives exactly what the server sent. At most one frame is held, as the body
+/// receives what the server sent, less any empty data frames skipped before the first
+/// frame that carries something. At most one frame is held, as the body
 /// yielded it (not copied); the extension is the only allocation, for answers with
 /// no message.
 ///
