@@ -133,7 +133,8 @@ where
                             let timer = deadline.as_pin_mut().expect("set above");
                             ready!(timer.poll(cx));
                             // Waited long enough: hand the response on as it is, its
-                            // status still unknown. No frame that carries anything was taken from the body.
+                            // status still unknown. No frame that carries anything was
+                            // taken from the body.
                             (Held::Nothing, None)
                         }
                     };
