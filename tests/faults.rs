@@ -13,12 +13,12 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering::SeqCst},
-        Arc, Mutex,
+        Arc,
     },
     task::{Context, Poll, Waker},
     time::Duration,
 };
-use support::{hit, poll_once, Answer, Probe, ProbeError, Reply};
+use support::{hit, poll_once, Answer, Outcomes, Probe, ProbeError, Reply};
 use tokio::time::{Instant, Sleep};
 use tower::{Service, ServiceExt};
 use tower_backstop::{
@@ -597,25 +597,6 @@ async fn the_adaptive_estimate_keeps_recording_after_panics() {
 // ---------------------------------------------------------------------------------
 // Panics: what each one leaves behind
 // ---------------------------------------------------------------------------------
-
-/// Collects the outcomes a service reports.
-#[derive(Clone, Default)]
-struct Outcomes(Arc<Mutex<Vec<Outcome>>>);
-
-impl Outcomes {
-    fn hook(&self) -> impl Fn(&Outcome) + Send + Sync + 'static {
-        let seen = self.0.clone();
-        move |o: &Outcome| seen.lock().unwrap().push(o.clone())
-    }
-    fn take(&self) -> Vec<Outcome> {
-        std::mem::take(&mut *self.0.lock().unwrap())
-    }
-    fn only(&self) -> Outcome {
-        let mut all = self.take();
-        assert_eq!(all.len(), 1, "{all:?}");
-        all.pop().unwrap()
-    }
-}
 
 /// The counters a panicking request may touch: (requests, by primary, by fallback,
 /// abandoned, fallback launches, speculative launches, cancelled, wasted).

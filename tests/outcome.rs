@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use support::{hit, Probe, Reply};
+use support::{hit, Outcomes, Probe, Reply};
 use tower::{Service, ServiceExt};
 use tower_backstop::{
     launch::{Launch, Launched},
@@ -18,25 +18,6 @@ use tower_backstop::{
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-/// Collects the outcomes a service reports.
-#[derive(Clone, Default)]
-struct Outcomes(Arc<Mutex<Vec<Outcome>>>);
-
-impl Outcomes {
-    fn hook(&self) -> impl Fn(&Outcome) + Send + Sync + 'static {
-        let seen = self.0.clone();
-        move |o: &Outcome| seen.lock().unwrap().push(o.clone())
-    }
-    fn take(&self) -> Vec<Outcome> {
-        std::mem::take(&mut *self.0.lock().unwrap())
-    }
-    fn only(&self) -> Outcome {
-        let mut all = self.take();
-        assert_eq!(all.len(), 1, "{all:?}");
-        all.pop().unwrap()
-    }
 }
 
 /// Runs one request through `cache` and `db` under `launch` and returns its outcome.

@@ -13,12 +13,13 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering::SeqCst},
-        Arc,
+        Arc, Mutex,
     },
     task::{Context, Poll},
     time::Duration,
 };
 use tower::Service;
+use tower_backstop::outcome::Outcome;
 
 /// What a probe answers with: where the answer came from and the value it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,3 +248,22 @@ pub type InfallibleResult<T> = Result<T, Infallible>;
 
 /// The counters of a probe, kept after the probe moved into a service.
 pub type CountsRef = Arc<Counts>;
+
+/// Collects the outcomes a service reports.
+#[derive(Clone, Default)]
+pub struct Outcomes(Arc<Mutex<Vec<Outcome>>>);
+
+impl Outcomes {
+    pub fn hook(&self) -> impl Fn(&Outcome) + Send + Sync + 'static {
+        let seen = self.0.clone();
+        move |o: &Outcome| seen.lock().unwrap().push(o.clone())
+    }
+    pub fn take(&self) -> Vec<Outcome> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+    pub fn only(&self) -> Outcome {
+        let mut all = self.take();
+        assert_eq!(all.len(), 1, "{all:?}");
+        all.pop().unwrap()
+    }
+}
