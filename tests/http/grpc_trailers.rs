@@ -2,7 +2,7 @@
 //! loopback that answers the akka-grpc way (`200` headers, then trailers), with a tonic
 //! server as the fallback, through a tonic client whose channel has the layer.
 
-use crate::support::{Server, HOLD_LIMIT, OBSERVE_LIMIT};
+use crate::support::{ask, channel, served_by, Server, HOLD_LIMIT, OBSERVE_LIMIT};
 use bytes::Bytes;
 use http::{HeaderMap, Response};
 use http_body::{Body, Frame};
@@ -20,11 +20,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::{JoinHandle, JoinSet},
 };
-use tonic::{
-    codegen::tokio_stream,
-    transport::{Channel, Endpoint},
-    Status,
-};
+use tonic::{codegen::tokio_stream, transport::Channel, Status};
 use tonic_health::pb::{
     health_check_response::ServingStatus,
     health_client::HealthClient,
@@ -185,14 +181,6 @@ impl Health for Answering {
     }
 }
 
-async fn channel(addr: SocketAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 fn to_tonic(req: http::Request<ReplayBody>) -> http::Request<tonic::body::Body> {
     req.map(tonic::body::Body::new)
 }
@@ -217,21 +205,6 @@ fn stack(
         .layer(peek)
         .map_request(to_tonic)
         .service(primary)
-}
-
-fn served_by<T>(response: &tonic::Response<T>) -> &str {
-    response
-        .metadata()
-        .get("x-served-by")
-        .unwrap()
-        .to_str()
-        .unwrap()
-}
-
-fn ask(service: &str) -> HealthCheckRequest {
-    HealthCheckRequest {
-        service: service.to_owned(),
-    }
 }
 
 async fn servers() -> (AkkaServer, Server) {

@@ -394,3 +394,31 @@ pub fn held_origin(calls: Tracker) -> Router {
 pub fn text(body: &Bytes) -> &str {
     std::str::from_utf8(body).expect("a text body")
 }
+
+// ---- gRPC (tonic) helpers shared by the tonic tests ----
+
+/// A tonic channel to a server on `addr`, connected.
+pub async fn channel(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// A health-check request for `service`.
+pub fn ask(service: &str) -> tonic_health::pb::HealthCheckRequest {
+    tonic_health::pb::HealthCheckRequest {
+        service: service.to_owned(),
+    }
+}
+
+/// The `x-served-by` metadata the test servers put on their answers.
+pub fn served_by<T>(response: &tonic::Response<T>) -> &str {
+    response
+        .metadata()
+        .get("x-served-by")
+        .unwrap()
+        .to_str()
+        .unwrap()
+}

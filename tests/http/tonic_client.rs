@@ -1,8 +1,7 @@
 //! tonic: a client whose channel stack has the layer, against two tonic servers
 //! answering the gRPC health service (`tonic-health`'s generated code, no protoc).
 
-use crate::support::{dead_addr, Event, Server, Tracker};
-use std::net::SocketAddr;
+use crate::support::{ask, channel, dead_addr, served_by, Event, Server, Tracker};
 use tonic::{
     codegen::tokio_stream,
     transport::{Channel, Endpoint},
@@ -123,14 +122,6 @@ impl Servers {
     }
 }
 
-async fn channel(addr: SocketAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 /// The channel stack under test: bodies buffered, the fallback channel beside the
 /// primary one, each branch converting the replayed body back into tonic's.
 async fn client_with(
@@ -154,21 +145,6 @@ async fn client_with(
         .map_request(to_tonic)
         .service(primary);
     HealthClient::new(channel)
-}
-
-fn ask(service: &str) -> HealthCheckRequest {
-    HealthCheckRequest {
-        service: service.to_owned(),
-    }
-}
-
-fn served_by<T>(response: &tonic::Response<T>) -> &str {
-    response
-        .metadata()
-        .get("x-served-by")
-        .unwrap()
-        .to_str()
-        .unwrap()
 }
 
 const MISS: GrpcStatus = GrpcStatus::rejecting(&[GrpcCode::NotFound, GrpcCode::Unavailable]);
