@@ -34,7 +34,7 @@
 
 use crate::{
     accept::Accept,
-    launch::{Deferred, Launched, Plan, Settings},
+    launch::{Control, Launched, Plan, Settings},
     outcome::Served,
     refill::{NoRefill, Refill},
 };
@@ -94,22 +94,6 @@ pin_project! {
     }
 }
 
-/// The plan and the flags of a response future.
-#[derive(Clone, Copy)]
-struct Control {
-    /// When the fallback may start speculatively, and why.
-    plan: Plan,
-    /// The delay or patience to fill a cold part taken late with: `Deferred::NONE` unless
-    /// the layer's requests take none at `call`, and one at the first poll that needs it.
-    #[cfg_attr(not(feature = "time"), allow(dead_code))]
-    deferred: Deferred,
-    /// Whether the fallback has been launched (it may still be waiting for readiness).
-    launched: bool,
-    /// Set for the length of each `poll`: still set afterwards only if that poll
-    /// panicked, which poisons the future.
-    polling: bool,
-}
-
 pin_project! {
     #[project = BranchProj]
     enum Branch<F, Req>
@@ -154,7 +138,7 @@ where
         settings: &Settings,
         eligible: bool,
     ) -> Self {
-        let plan = settings.plan(eligible);
+        let control = settings.start(eligible);
         ResponseFuture {
             primary: Some(primary),
             fallback: Branch::NotReady {
@@ -163,13 +147,8 @@ where
             },
             accept,
             refill,
-            control: Control {
-                plan,
-                deferred: settings.deferred,
-                launched: false,
-                polling: false,
-            },
-            cold: ColdSlot::new(settings, plan),
+            control,
+            cold: ColdSlot::new(settings, control.plan),
         }
     }
 }
@@ -219,17 +198,18 @@ where
 
     /// One poll, poisoning the future if it panics.
     #[inline(always)]
-    fn poll_guarded(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
-        let control = self.as_mut().project().control;
+    fn poll_guarded(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
         // CORRECTNESS: a panic in user code can leave the state half-updated — an answer
         // taken but not judged, a request taken but no call made. Such a future must
         // never serve anything, or it would serve what nobody decided to serve.
-        if control.polling {
+        if self.control.poisoned {
             poisoned();
         }
-        control.polling = true;
-        let poll = self.as_mut().poll_primary(cx);
-        self.project().control.polling = false;
+        // Only a panic unwinding out of the poll drops the guard, which poisons the
+        // future; a poll that returns forgets it, and so costs no write at all.
+        let mut guard = PoisonOnUnwind(self);
+        let poll = guard.0.as_mut().poll_primary(cx);
+        std::mem::forget(guard);
         poll
     }
 
@@ -280,12 +260,12 @@ where
     }
 
     /// Everything after the primary's first answer or its pending poll: launching and
-    /// driving the fallback. Left for the compiler to inline (it does, for the
-    /// services of `benches/instructions.rs`): out of line, a miss paid a call and the
-    /// saving of six registers, 31 instructions of its 124, and an accepted primary's
-    /// path is no longer for it (the rare paths it reaches — timers, the cold part's
-    /// updates, refills — are out of line themselves).
-    #[inline]
+    /// driving the fallback. Always inlined, into the hot poll and into `poll_cold`: out
+    /// of line, a miss paid a call and the saving of six registers (31 instructions of
+    /// its 124 on the hot path, 16 of a counted miss's 337 in `poll_cold`), and an
+    /// accepted primary's path is no longer for it (the rare paths it reaches — timers,
+    /// the cold part's updates, refills — are out of line themselves).
+    #[inline(always)]
     fn poll_fallback(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
         let mut this = self.project();
         let primary_pending = this.primary.is_some();
@@ -387,7 +367,7 @@ where
                     #[cfg(feature = "time")]
                     if result.is_ok()
                         && !this.cold.is_some()
-                        && this.control.deferred != Deferred::NONE
+                        && this.control.deferred != crate::launch::Deferred::NONE
                     {
                         this.cold.take_late(None, this.control.deferred.get());
                     }
@@ -447,6 +427,24 @@ where
     }
 }
 
+/// Poisons the response future it holds when dropped: it is dropped only while a panic
+/// unwinds out of a poll.
+struct PoisonOnUnwind<'a, PF, F, Req, A, R>(Pin<&'a mut ResponseFuture<PF, F, Req, A, R>>)
+where
+    F: Service<Req>,
+    R: Refill<Req, F::Response>;
+
+impl<PF, F, Req, A, R> Drop for PoisonOnUnwind<'_, PF, F, Req, A, R>
+where
+    F: Service<Req>,
+    R: Refill<Req, F::Response>,
+{
+    #[cold]
+    fn drop(&mut self) {
+        self.0.as_mut().project().control.poisoned = true;
+    }
+}
+
 /// Out of line: only a caller that caught a panic from `poll` gets here.
 #[cold]
 #[inline(never)]
@@ -479,7 +477,7 @@ where
             .field("launched", &self.control.launched)
             .field("refill", &self.refill.is_some())
             .field("tracker", &self.cold)
-            .field("poisoned", &self.control.polling)
+            .field("poisoned", &self.control.poisoned)
             .finish_non_exhaustive()
     }
 }

@@ -150,8 +150,10 @@ pub(crate) struct Settings {
     /// `None` until an observer is set: one pointer for a request to check, and to
     /// clone if observed.
     pub(crate) observers: Option<Arc<Observers>>,
-    /// The plan of an ineligible request, and of an eligible one.
-    plans: [Plan; 2],
+    /// How a response future starts out — its plan, what it takes a cold part late for,
+    /// its flags cleared — for an ineligible request and for an eligible one: copied
+    /// whole into the future at `call`, one word.
+    starts: [Control; 2],
     /// Which requests need a cold part (a `tracing` subscriber aside).
     cold: NeedsCold,
     /// Whether a request's cold part holds anything of the launch: a delay, patience, a
@@ -210,7 +212,7 @@ impl Default for Settings {
             #[cfg(feature = "time")]
             patience: None,
             observers: None,
-            plans: [Plan::Now; 2],
+            starts: [Control::new(Plan::Now, Deferred::NONE); 2],
             cold: NeedsCold::Never,
             launch_state: false,
             deferred: Deferred::NONE,
@@ -272,7 +274,6 @@ impl Settings {
             Plan::OnReject(_) => eligible,
             _ => Plan::OnReject(Launched::NotEligible),
         };
-        self.plans = [ineligible, eligible];
 
         // A delay waits on a timer; an adaptive launch also samples every request.
         let launch = matches!(eligible, Plan::Wait(_));
@@ -297,6 +298,10 @@ impl Settings {
                 self.deferred = deferred;
             }
         }
+        self.starts = [
+            Control::new(ineligible, self.deferred),
+            Control::new(eligible, self.deferred),
+        ];
     }
 
     /// What a request of a layer whose only options are a delay or patience (not both)
@@ -316,17 +321,18 @@ impl Settings {
     /// Plans one request: called once per request, in `call`, after all the user code
     /// `call` runs. Deposits into the budget.
     #[inline]
-    pub(crate) fn plan(&self, eligible: bool) -> Plan {
-        if self.cold != NeedsCold::Never {
+    pub(crate) fn start(&self, eligible: bool) -> Control {
+        #[cfg(feature = "budget")]
+        if self.budget.is_some() {
             self.deposit();
         }
-        self.plans[usize::from(eligible)]
+        self.starts[usize::from(eligible)]
     }
 
     /// Every request deposits into the budget, if there is one.
+    #[cfg(feature = "budget")]
     #[inline(never)]
     fn deposit(&self) {
-        #[cfg(feature = "budget")]
         if let Some(budget) = &self.budget {
             budget.deposit();
         }
@@ -341,6 +347,33 @@ impl Settings {
             NeedsCold::Never => false,
             NeedsCold::IfSpeculating => !matches!(plan, Plan::OnReject(_)),
             NeedsCold::Always => true,
+        }
+    }
+}
+
+/// The plan and the flags of a response future, in one word: one field for its
+/// projection to point at, and one copy from [`Settings`] to start it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Control {
+    /// When the fallback may start speculatively, and why.
+    pub(crate) plan: Plan,
+    /// The delay or patience to fill a cold part taken late with: `Deferred::NONE` unless
+    /// the layer's requests take none at `call`, and one at the first poll that needs it.
+    #[cfg_attr(not(feature = "time"), allow(dead_code))]
+    pub(crate) deferred: Deferred,
+    /// Whether the fallback has been launched (it may still be waiting for readiness).
+    pub(crate) launched: bool,
+    /// Set if a poll panicked: the future then never serves anything.
+    pub(crate) poisoned: bool,
+}
+
+impl Control {
+    const fn new(plan: Plan, deferred: Deferred) -> Control {
+        Control {
+            plan,
+            deferred,
+            launched: false,
+            poisoned: false,
         }
     }
 }

@@ -562,6 +562,30 @@ fn recycled_cold_parts_keep_nothing_of_a_layer_alive() {
     );
 }
 
+#[test]
+fn a_panicking_hook_leaves_nothing_of_its_layer_in_the_free_list() {
+    let _serial = serial();
+    // The hook panics in the middle of the report: the cold part goes back to the free
+    // list all the same, and must not hold the hook's closure there.
+    let in_hook = Arc::new(());
+    let held = Arc::clone(&in_hook);
+    let mut svc = layer()
+        .on_outcome(move |_: &Outcome| {
+            let _ = &held;
+            panic!("hook panicked on purpose");
+        })
+        .layer(Cache);
+    let served =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_polling(&mut svc, 0)));
+    assert!(served.is_err(), "the hook's panic reaches the caller");
+    drop(svc);
+    assert_eq!(
+        Arc::strong_count(&in_hook),
+        1,
+        "only the test holds the hook's Arc"
+    );
+}
+
 /// Serves `N` hits and `N` misses whose primary answers on its first poll through
 /// `layer`, on a thread of its own and without a warm-up, so that its free list of cold
 /// parts is empty: taking one would allocate it. Returns the allocations counted.

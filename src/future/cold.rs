@@ -10,7 +10,7 @@ use crate::{
 };
 use pin_project_lite::pin_project;
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     fmt,
     future::Future,
     pin::Pin,
@@ -20,11 +20,16 @@ use std::{
 #[cfg(feature = "time")]
 use std::time::Duration;
 
-/// Cold parts kept per thread for reuse, at most: beyond that many response futures
-/// with a cold part alive at once on one thread, the extra ones are freed.
+/// Cold parts kept per thread for reuse, at most, besides the spare: beyond that many
+/// response futures with a cold part alive at once on one thread, the extra ones are
+/// freed.
 const POOL_CAP: usize = 256;
 
 thread_local! {
+    /// The part put back last, taken first: a thread serving one observed request at a
+    /// time never goes further. Two dependent loads to reach it, where the free list
+    /// behind it takes four (its borrow flag, its length, its buffer, the element).
+    static SPARE: Cell<Option<Pin<Box<Cold>>>> = const { Cell::new(None) };
     static POOL: RefCell<Vec<Pin<Box<Cold>>>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -41,6 +46,9 @@ pin_project! {
 
 #[derive(Default)]
 struct Parts {
+    /// Whether anything of the launch below (or the timer) was filled in: only then does
+    /// `recycle` have any of it to empty.
+    filled: bool,
     /// The launch delay of a `Plan::Wait`, until it is armed.
     #[cfg(feature = "time")]
     delay: Option<Duration>,
@@ -84,6 +92,7 @@ impl ColdSlot {
         // Nobody observes the request: a `tracing` subscriber that listened at `call`
         // would have had its cold part taken then.
         parts.tracker.unobserved();
+        parts.filled = true;
         parts.delay = delay;
         parts.patience = patience;
         self.0 = Some(cold);
@@ -148,16 +157,13 @@ impl Cold {
         if !settings.launch_state {
             return Some(cold);
         }
+        parts.filled = true;
         #[cfg(feature = "time")]
         {
             parts.patience = settings.patience;
+            // An adaptive launch's delay is read from its sampler when it is armed.
             parts.delay = match (&settings.launch, plan) {
                 (crate::launch::Launch::Delayed(delay), Plan::Wait(_)) => Some(*delay),
-                #[cfg(feature = "adaptive")]
-                (crate::launch::Launch::Adaptive(adaptive), Plan::Wait(_)) => {
-                    // Unrounded: `Plan::deadline` rounds for the timer.
-                    Some(adaptive.target())
-                }
                 _ => None,
             };
         }
@@ -173,17 +179,20 @@ impl Cold {
         #[cfg(feature = "adaptive")]
         {
             if let crate::launch::Launch::Adaptive(adaptive) = &settings.launch {
-                parts.sampler.begin(adaptive);
+                parts.sampler.begin(adaptive, matches!(plan, Plan::Wait(_)));
             }
         }
         let _ = plan;
         Some(cold)
     }
 
-    /// A cold part from this thread's free list, or a new one: holding stale tracker data
-    /// and no handle but a `Stats` and an `Adaptive`.
+    /// A cold part from this thread's spare or free list, or a new one: holding stale
+    /// tracker data and no handle but a `Stats` and an `Adaptive`.
     #[inline(always)]
     fn pop() -> Pin<Box<Cold>> {
+        if let Ok(Some(cold)) = SPARE.try_with(Cell::take) {
+            return cold;
+        }
         POOL.try_with(|pool| pool.try_borrow_mut().ok()?.pop())
             .ok()
             .flatten()
@@ -208,20 +217,26 @@ impl Cold {
         this.parts.sampler.record_at_least();
         // Runs the outcome hook, which may panic: then the cold part is simply freed.
         this.parts.tracker.finish(Served::Abandoned);
-        if this.timer.is_some() {
+        // Only a part filled with something of the launch holds anything more to empty.
+        if std::mem::take(&mut this.parts.filled) {
             this.timer.set(None);
+            // The budget goes before the part is pooled: a pooled part keeps no handle
+            // that may run user code when dropped (a `Stats` or an `Adaptive` is only
+            // data).
+            #[cfg(feature = "budget")]
+            {
+                this.parts.budget = None;
+            }
+            #[cfg(feature = "time")]
+            {
+                this.parts.delay = None;
+                this.parts.patience = None;
+            }
         }
-        // The budget goes before the part is pooled: a pooled part keeps no handle that
-        // may run user code when dropped (a `Stats` or an `Adaptive` is only data).
-        #[cfg(feature = "budget")]
-        {
-            this.parts.budget = None;
-        }
-        #[cfg(feature = "time")]
-        {
-            this.parts.delay = None;
-            this.parts.patience = None;
-        }
+        // The spare is usually empty: this request took it.
+        let Ok(Some(cold)) = SPARE.try_with(|spare| spare.replace(Some(cold))) else {
+            return;
+        };
         let _ = POOL.try_with(|pool| {
             if let Ok(mut pool) = pool.try_borrow_mut() {
                 if pool.len() < POOL_CAP {
@@ -233,14 +248,16 @@ impl Cold {
 
     /// The primary answered. Its answer is not judged yet. Inlined into the cold poll:
     /// counting alone needs nothing more of it than the tracker's update.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn primary_answered(self: Pin<&mut Self>) {
         let mut this = self.project();
         #[cfg(feature = "adaptive")]
         this.parts.sampler.record();
         this.parts.tracker.primary_answered();
         // Neither a launch delay nor the patience bound applies any more.
-        this.timer.set(None);
+        if this.timer.is_some() {
+            this.timer.set(None);
+        }
     }
 
     /// The primary was dropped unanswered by the patience bound.
@@ -278,7 +295,10 @@ impl Cold {
             if this.parts.sampler.needs_start() {
                 this.parts.sampler.pending_at(now);
             }
-            if let Some(delay) = this.parts.delay.take() {
+            let delay = this.parts.delay.take();
+            #[cfg(feature = "adaptive")]
+            let delay = delay.or_else(|| this.parts.sampler.take_delay());
+            if let Some(delay) = delay {
                 match Plan::deadline(now, delay) {
                     Some(deadline) => this.timer.set(Some(tokio::time::sleep_until(deadline))),
                     None => return false,

@@ -429,13 +429,16 @@ pub(crate) struct Sampler {
     adaptive: Option<Adaptive>,
     /// This request is being timed, and has not been recorded yet.
     active: bool,
+    /// This request's launch waits on the estimate, read when the delay is armed.
+    waits: bool,
     pending_since: Option<Instant>,
 }
 
 impl Sampler {
-    /// Starts timing a request's primary call for `adaptive`.
+    /// Starts timing a request's primary call for `adaptive`; `waits` if its launch
+    /// waits on the estimate.
     #[inline]
-    pub(crate) fn begin(&mut self, adaptive: &Adaptive) {
+    pub(crate) fn begin(&mut self, adaptive: &Adaptive, waits: bool) {
         if !self
             .adaptive
             .as_ref()
@@ -444,7 +447,20 @@ impl Sampler {
             self.adaptive = Some(adaptive.clone());
         }
         self.active = true;
+        self.waits = waits;
         self.pending_since = None;
+    }
+
+    /// The launch delay to arm now, once, if this request's launch waits on the estimate:
+    /// the estimate as it is when the primary is first found pending (unrounded:
+    /// `Plan::deadline` rounds it for the timer). Read then rather than at `call`, so
+    /// that a primary answering on its first poll never reads it.
+    #[inline]
+    pub(crate) fn take_delay(&mut self) -> Option<Duration> {
+        if !(self.active && std::mem::take(&mut self.waits)) {
+            return None;
+        }
+        self.adaptive.as_ref().map(Adaptive::target)
     }
 
     /// The primary was found pending at `now`: the call is timed from the first such
@@ -474,11 +490,17 @@ impl Sampler {
         self.finish(false);
     }
 
-    #[inline]
+    /// Inline: a request that is not sampled gets no further than the first check.
+    #[inline(always)]
     fn finish(&mut self, answered: bool) {
-        if !std::mem::take(&mut self.active) {
-            return;
+        if self.active {
+            self.record_sample(answered);
         }
+    }
+
+    #[inline(never)]
+    fn record_sample(&mut self, answered: bool) {
+        self.active = false;
         let Some(adaptive) = &self.adaptive else {
             return;
         };

@@ -72,9 +72,10 @@ pub(crate) struct Tracker {
     /// and keeps nothing else of the layer alive.)
     stats: Option<Stats>,
     timed: Option<Timed>,
-    /// The one clock reading of the current poll: every time taken during one poll is
-    /// this one. Cleared by [`new_poll`](Tracker::new_poll).
-    reading: Option<Instant>,
+    /// The one clock reading of the current poll, as the time since the request was
+    /// called: every time taken during one poll is this one, and costs one subtraction
+    /// of instants at most. Cleared by [`new_poll`](Tracker::new_poll).
+    reading: Option<Duration>,
 }
 
 /// What only the observers that want an `Outcome` need.
@@ -83,12 +84,32 @@ struct Timed {
     observers: Option<Arc<Observers>>,
     /// When the request was called.
     start: Instant,
-    launched_at: Option<Instant>,
+    /// When the fallback was launched, after `start`.
+    launched_after: Option<Duration>,
     primary_latency: Option<Duration>,
     fallback_latency: Option<Duration>,
     /// The request's span, if a subscriber listens.
     #[cfg(feature = "tracing")]
     span: Option<tracing::Span>,
+}
+
+impl Timed {
+    /// The record of a request called now.
+    #[inline]
+    fn new(
+        observers: Option<&Arc<Observers>>,
+        #[cfg(feature = "tracing")] span: Option<tracing::Span>,
+    ) -> Timed {
+        Timed {
+            observers: observers.cloned(),
+            start: Instant::now(),
+            launched_after: None,
+            primary_latency: None,
+            fallback_latency: None,
+            #[cfg(feature = "tracing")]
+            span,
+        }
+    }
 }
 
 impl Default for Tracker {
@@ -126,32 +147,25 @@ impl Tracker {
         self.fallback_first = false;
         self.refill = None;
 
+        let timed = observers.filter(|o| o.want_latencies());
         // No span at all unless a subscriber may want it: making one costs even when
         // nobody listens.
         #[cfg(feature = "tracing")]
-        let span = if tracing_may_listen() {
-            listening_span()
-        } else {
-            None
-        };
-        #[cfg(feature = "tracing")]
-        let listening = span.is_some();
-        #[cfg(not(feature = "tracing"))]
-        let listening = false;
-
-        self.active = observers.is_some() || listening;
-        let observers = observers.filter(|o| o.want_latencies());
+        if tracing_may_listen() {
+            if let Some(span) = listening_span() {
+                self.active = true;
+                self.timed = Some(Timed::new(timed, Some(span)));
+                return true;
+            }
+        }
+        self.active = observers.is_some();
         // `timed` is `None` here: `report` takes it, and only `start` sets it.
-        if listening || observers.is_some() {
-            self.timed = Some(Timed {
-                observers: observers.cloned(),
-                start: Instant::now(),
-                launched_at: None,
-                primary_latency: None,
-                fallback_latency: None,
+        if timed.is_some() {
+            self.timed = Some(Timed::new(
+                timed,
                 #[cfg(feature = "tracing")]
-                span,
-            });
+                None,
+            ));
         }
         self.active
     }
@@ -183,10 +197,10 @@ impl Tracker {
         self.reading = None;
     }
 
-    /// The time, for a timed request: one clock reading per poll.
+    /// The time since `start`, for a timed request: one clock reading per poll.
     #[inline]
-    fn now(reading: &mut Option<Instant>) -> Instant {
-        *reading.get_or_insert_with(Instant::now)
+    fn elapsed(reading: &mut Option<Duration>, start: Instant) -> Duration {
+        *reading.get_or_insert_with(|| Instant::now().saturating_duration_since(start))
     }
 
     /// The request's span, to enter for one poll (a clone: the poll goes on to update
@@ -206,7 +220,7 @@ impl Tracker {
             self.stage = Stage::Launched;
             self.launched = Some(why);
             if let Some(t) = &mut self.timed {
-                t.launched_at = Some(Tracker::now(&mut self.reading));
+                t.launched_after = Some(Tracker::elapsed(&mut self.reading, t.start));
             }
         }
     }
@@ -239,8 +253,8 @@ impl Tracker {
     #[inline]
     fn fallback_latency(&mut self) {
         if let (true, Some(t)) = (self.active, &mut self.timed) {
-            let now = Tracker::now(&mut self.reading);
-            t.fallback_latency = t.launched_at.map(|at| now.saturating_duration_since(at));
+            let now = Tracker::elapsed(&mut self.reading, t.start);
+            t.fallback_latency = t.launched_after.map(|at| now.saturating_sub(at));
         }
     }
 
@@ -252,8 +266,7 @@ impl Tracker {
     pub(crate) fn primary_answered(&mut self) {
         self.verdict = Verdict::Panicked;
         if let (true, Some(t)) = (self.active, &mut self.timed) {
-            let now = Tracker::now(&mut self.reading);
-            t.primary_latency = Some(now.saturating_duration_since(t.start));
+            t.primary_latency = Some(Tracker::elapsed(&mut self.reading, t.start));
         }
     }
 
@@ -292,7 +305,9 @@ impl Tracker {
         }
     }
 
-    #[inline(never)]
+    /// Counts the request into `Stats`, inline, and hands an `Outcome` to the observers
+    /// that want one, out of line.
+    #[inline]
     fn report(&mut self, served: Served) {
         let fallback = match (served, self.stage) {
             (Served::Fallback, _) => Fate::Served,
@@ -312,31 +327,40 @@ impl Tracker {
             });
         }
         // Only the observers that want latencies get an `Outcome`; counting needs none.
-        // Taken, so that a panicking hook leaves nothing to report twice.
-        let Some(t) = self.timed.take() else {
+        if self.timed.is_some() {
+            self.report_timed(served, fallback);
+        }
+    }
+
+    #[inline(never)]
+    fn report_timed(&mut self, served: Served, fallback: Fate) {
+        // Read in place: moving the record out first copied it whole, on every request.
+        let Some(t) = &mut self.timed else {
             return;
         };
-        let end = Tracker::now(&mut self.reading);
+        let elapsed = Tracker::elapsed(&mut self.reading, t.start);
         let outcome = Outcome {
             served,
             primary: self.verdict,
             fallback,
             launched: self.launched,
-            launched_after: t
-                .launched_at
-                .map(|at| at.saturating_duration_since(t.start)),
+            launched_after: t.launched_after,
             budget_refused: self.budget_refused,
             fallback_first: self.fallback_first,
             primary_latency: t.primary_latency,
             fallback_latency: t.fallback_latency,
-            elapsed: end.saturating_duration_since(t.start),
+            elapsed,
             refill: self.refill,
         };
         #[cfg(feature = "tracing")]
         if let Some(span) = &t.span {
             super::export::trace(span, &outcome);
         }
-        let Some(observers) = t.observers.as_deref() else {
+        // The record is emptied before any observer runs, so that a part pooled after a
+        // panicking hook holds no handle on the layer. (`finish` reports only once.)
+        let observers = t.observers.take();
+        self.timed = None;
+        let Some(observers) = observers else {
             return;
         };
         #[cfg(feature = "metrics")]
