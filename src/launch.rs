@@ -29,7 +29,7 @@
 //! that refuses some of exactly the slow requests speculation is for (the latency
 //! study in the repository measured p90 with a 10% budget: almost no refusals).
 
-use crate::outcome::Observers;
+use crate::outcome::{LatencyClock, Observers};
 #[cfg(feature = "time")]
 use std::time::Duration;
 use std::{fmt, sync::Arc};
@@ -150,6 +150,8 @@ pub(crate) struct Settings {
     /// `None` until an observer is set: one pointer for a request to check, and to
     /// clone if observed.
     pub(crate) observers: Option<Arc<Observers>>,
+    /// What a timed request's latencies are read from.
+    pub(crate) clock: LatencyClock,
     /// How a response future starts out — its plan, what it takes a cold part late for,
     /// its flags cleared — for an ineligible request and for an eligible one: copied
     /// whole into the future at `call`, one word.
@@ -212,6 +214,7 @@ impl Default for Settings {
             #[cfg(feature = "time")]
             patience: None,
             observers: None,
+            clock: LatencyClock::Monotonic,
             starts: [Control::new(Plan::Now, Deferred::NONE); 2],
             cold: NeedsCold::Never,
             launch_state: false,
@@ -231,6 +234,7 @@ impl fmt::Debug for Settings {
         #[cfg(feature = "time")]
         s.field("patience", &self.patience);
         s.field("observers", &self.observers);
+        s.field("clock", &self.clock);
         s.finish()
     }
 }
@@ -251,6 +255,15 @@ impl Settings {
     pub(crate) fn set_patience(&mut self, patience: Duration) {
         self.patience = Some(patience);
         self.refresh();
+    }
+
+    pub(crate) fn set_clock(&mut self, clock: LatencyClock) {
+        // The first reading calibrates the counter: here, rather than in a request.
+        #[cfg(feature = "quanta")]
+        if clock == LatencyClock::Tsc {
+            let _ = quanta::Instant::now();
+        }
+        self.clock = clock;
     }
 
     /// The observers, to add one to.

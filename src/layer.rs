@@ -261,6 +261,14 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
         self
     }
 
+    /// Reads the latencies the observers of every service this layer builds get from
+    /// `clock`. Default: [`LatencyClock::Monotonic`](crate::outcome::LatencyClock::Monotonic).
+    /// See [`Fallback::latency_clock`].
+    pub fn latency_clock(mut self, clock: crate::outcome::LatencyClock) -> Self {
+        self.settings.set_clock(clock);
+        self
+    }
+
     /// Counts the outcomes of every service this layer builds into `stats`.
     /// Default: no counting. See [`Fallback::stats`].
     pub fn stats(mut self, stats: crate::outcome::Stats) -> Self {

@@ -151,6 +151,36 @@ pub struct Outcome {
     pub refill: Option<Refilled>,
 }
 
+/// The clock an [`Outcome`]'s latencies (and the `metrics` histograms' and the
+/// `tracing` span's) are read from: see
+/// [`Fallback::latency_clock`](crate::Fallback::latency_clock).
+///
+/// A timed request reads its clock twice when its primary answers on the first poll
+/// (once at `call`, once in that poll), and at most once per poll after that, so the
+/// clock is most of what a hook costs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LatencyClock {
+    /// The system's monotonic clock: `tokio::time::Instant` with the `time` feature,
+    /// which follows tokio's paused clock in tests (`tokio::time::pause`,
+    /// `start_paused`), else `std::time::Instant`. The default. 23 ns a reading on the
+    /// machine of `docs/overhead.md` (a virtual machine, where reading the time-stamp
+    /// counter alone takes 10 ns).
+    #[default]
+    Monotonic,
+    /// The CPU's time-stamp counter, read through [`quanta`](https://docs.rs/quanta),
+    /// which falls back to the monotonic clock where the counter is not usable (no
+    /// invariant TSC, not x86). 10 ns a reading on the same machine. It does **not**
+    /// follow tokio's paused clock: a test that pauses time sees real latencies.
+    /// Setting it calibrates the counter once per process, about 0.6 ms there (at most
+    /// 200 ms, per quanta).
+    ///
+    /// Available with the `quanta` feature.
+    #[cfg(feature = "quanta")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "quanta")))]
+    Tsc,
+}
+
 /// What became of a request's [`refill`](crate::Fallback::refill), as reported in an
 /// [`Outcome`].
 ///

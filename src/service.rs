@@ -327,14 +327,31 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// quick and must not panic (see [panics](Fallback#panics) for what happens if it
     /// does). There is one hook: calling this again replaces it.
     ///
-    /// A hook times every request (the latencies in its `Outcome`): a few clock reads
-    /// per request. Without a hook, `metrics` or a listening `tracing` subscriber,
-    /// nothing is timed.
+    /// A hook times every request (the latencies in its `Outcome`): two clock readings
+    /// for a request answered on its first poll, on the clock
+    /// [`latency_clock`](Fallback::latency_clock) chooses. Without a hook, `metrics` or
+    /// a listening `tracing` subscriber, nothing is timed.
     pub fn on_outcome<H>(mut self, hook: H) -> Self
     where
         H: Fn(&crate::outcome::Outcome) + Send + Sync + 'static,
     {
         self.settings.observers_mut().hook = Some(std::sync::Arc::new(hook));
+        self
+    }
+
+    /// Reads the latencies observers get — an [`Outcome`](crate::outcome::Outcome)'s,
+    /// the `metrics` histograms', the `tracing` span's — from `clock`. Default:
+    /// [`LatencyClock::Monotonic`](crate::outcome::LatencyClock::Monotonic), which
+    /// follows tokio's paused clock in tests.
+    ///
+    /// The clock readings are most of what a hook costs: with
+    /// `LatencyClock::Tsc` (the `quanta` feature) a
+    /// hook costs about half as much over an unobserved request (see
+    /// `docs/overhead.md`), but its latencies no longer follow a paused clock. Choosing
+    /// `Tsc` calibrates the counter here, once per process, rather than on the first
+    /// request. Without an observer the clock is never read, whatever it is.
+    pub fn latency_clock(mut self, clock: crate::outcome::LatencyClock) -> Self {
+        self.settings.set_clock(clock);
         self
     }
 

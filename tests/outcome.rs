@@ -392,3 +392,45 @@ async fn sequential_requests_report_after_rejection_whatever_their_eligibility()
     };
     assert_eq!(o.launched, Some(Launched::AfterRejection));
 }
+
+/// The outcome of one hit whose cache answers after `cache_ms` of tokio's time, with
+/// the latencies read from `clock`.
+#[cfg(feature = "quanta")]
+async fn hit_timed_on(clock: tower_backstop::outcome::LatencyClock, cache_ms: u64) -> Outcome {
+    let outcomes = Outcomes::default();
+    let svc = Fallback::new(
+        Probe::fixed("cache", cache_ms, Reply::Value(1)),
+        Probe::fixed("db", 2 * cache_ms, Reply::Value(2)),
+    )
+    .accept(hit)
+    .latency_clock(clock)
+    .on_outcome(outcomes.hook());
+    let _ = svc.oneshot(1).await;
+    outcomes.only()
+}
+
+#[cfg(feature = "quanta")]
+#[tokio::test]
+async fn the_tsc_clock_measures_real_time() {
+    use tower_backstop::outcome::LatencyClock;
+    // A real 20 ms wait: the counter's latencies are at least that, and consistent.
+    let o = hit_timed_on(LatencyClock::Tsc, 20).await;
+    let primary = o.primary_latency.expect("the primary answered");
+    assert!(primary >= ms(20), "{primary:?}");
+    assert!(o.elapsed >= primary, "{o:?}");
+    assert_eq!(o.launched_after.map(|after| after <= primary), Some(true));
+}
+
+#[cfg(feature = "quanta")]
+#[tokio::test(start_paused = true)]
+async fn only_the_monotonic_clock_follows_a_paused_clock() {
+    use tower_backstop::outcome::LatencyClock;
+    // An hour of paused time passes in next to no real time: the default clock reports
+    // it exactly, the time-stamp counter reports the real time, far less.
+    let hour = 3_600_000;
+    let monotonic = hit_timed_on(LatencyClock::Monotonic, hour).await;
+    assert_eq!(monotonic.primary_latency, Some(ms(hour)));
+    let tsc = hit_timed_on(LatencyClock::Tsc, hour).await;
+    let primary = tsc.primary_latency.expect("the primary answered");
+    assert!(primary < ms(hour), "{primary:?}");
+}

@@ -145,7 +145,7 @@ impl Cold {
         let parts = cold.as_mut().project().parts;
         let observed = parts
             .tracker
-            .start_unless_observed(settings.observers.as_ref());
+            .start_unless_observed(settings.observers.as_ref(), settings.clock);
         // Only a `tracing` subscriber that may listen asked for this part, and none does
         // on this thread.
         if !needed && !observed {

@@ -1,6 +1,8 @@
 //! The per-request record: what the observers will be told about one request.
 
-use super::{stats::Class, Fate, Launched, Outcome, Refilled, Served, Stats, Verdict};
+use super::{
+    stats::Class, Fate, LatencyClock, Launched, Outcome, Refilled, Served, Stats, Verdict,
+};
 use std::{fmt, sync::Arc, time::Duration};
 
 #[cfg(not(feature = "time"))]
@@ -82,8 +84,8 @@ pub(crate) struct Tracker {
 struct Timed {
     /// A hook or `metrics`, if any (`Stats` is kept apart).
     observers: Option<Arc<Observers>>,
-    /// When the request was called.
-    start: Instant,
+    /// When the request was called, on the layer's clock.
+    start: Start,
     /// When the fallback was launched, after `start`.
     launched_after: Option<Duration>,
     primary_latency: Option<Duration>,
@@ -93,16 +95,46 @@ struct Timed {
     span: Option<tracing::Span>,
 }
 
+/// When a timed request was called, on the clock its layer reads.
+#[derive(Clone, Copy)]
+enum Start {
+    Monotonic(Instant),
+    #[cfg(feature = "quanta")]
+    Tsc(quanta::Instant),
+}
+
+impl Start {
+    #[inline]
+    fn now(clock: LatencyClock) -> Start {
+        match clock {
+            LatencyClock::Monotonic => Start::Monotonic(Instant::now()),
+            #[cfg(feature = "quanta")]
+            LatencyClock::Tsc => Start::Tsc(quanta::Instant::now()),
+        }
+    }
+
+    /// The time since, on the same clock: one reading.
+    #[inline]
+    fn elapsed(self) -> Duration {
+        match self {
+            Start::Monotonic(start) => Instant::now().saturating_duration_since(start),
+            #[cfg(feature = "quanta")]
+            Start::Tsc(start) => quanta::Instant::now().saturating_duration_since(start),
+        }
+    }
+}
+
 impl Timed {
     /// The record of a request called now.
     #[inline]
     fn new(
         observers: Option<&Arc<Observers>>,
+        clock: LatencyClock,
         #[cfg(feature = "tracing")] span: Option<tracing::Span>,
     ) -> Timed {
         Timed {
             observers: observers.cloned(),
-            start: Instant::now(),
+            start: Start::now(clock),
             launched_after: None,
             primary_latency: None,
             fallback_latency: None,
@@ -133,7 +165,7 @@ impl Tracker {
     /// Starts the record of a request `observers` (or a `tracing` subscriber) observe;
     /// returns whether anything does.
     #[inline]
-    fn start(&mut self, observers: Option<&Arc<Observers>>) -> bool {
+    fn start(&mut self, observers: Option<&Arc<Observers>>, clock: LatencyClock) -> bool {
         match observers.and_then(|o| o.stats.as_ref()) {
             Some(stats) if self.stats.as_ref().is_some_and(|kept| kept.same(stats)) => {}
             Some(stats) => self.stats = Some(stats.clone()),
@@ -154,7 +186,7 @@ impl Tracker {
         if tracing_may_listen() {
             if let Some(span) = listening_span() {
                 self.active = true;
-                self.timed = Some(Timed::new(timed, Some(span)));
+                self.timed = Some(Timed::new(timed, clock, Some(span)));
                 return true;
             }
         }
@@ -163,6 +195,7 @@ impl Tracker {
         if timed.is_some() {
             self.timed = Some(Timed::new(
                 timed,
+                clock,
                 #[cfg(feature = "tracing")]
                 None,
             ));
@@ -173,13 +206,17 @@ impl Tracker {
     /// Starts the record of a request nobody observes (unless a `tracing` subscriber
     /// listens): the common case, kept short.
     #[inline]
-    pub(crate) fn start_unless_observed(&mut self, observers: Option<&Arc<Observers>>) -> bool {
+    pub(crate) fn start_unless_observed(
+        &mut self,
+        observers: Option<&Arc<Observers>>,
+        clock: LatencyClock,
+    ) -> bool {
         if observers.is_none() && !tracing_may_listen() {
             self.active = false;
             self.stats = None;
             return false;
         }
-        self.start(observers)
+        self.start(observers, clock)
     }
 
     /// Makes a pooled record that of a request nobody observes, whatever listens now: for
@@ -199,8 +236,8 @@ impl Tracker {
 
     /// The time since `start`, for a timed request: one clock reading per poll.
     #[inline]
-    fn elapsed(reading: &mut Option<Duration>, start: Instant) -> Duration {
-        *reading.get_or_insert_with(|| Instant::now().saturating_duration_since(start))
+    fn elapsed(reading: &mut Option<Duration>, start: Start) -> Duration {
+        *reading.get_or_insert_with(|| start.elapsed())
     }
 
     /// The request's span, to enter for one poll (a clone: the poll goes on to update
