@@ -252,7 +252,7 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// runs once, with that key and the response, when the fallback's `Ok` answer is
     /// served **because the primary's answer was rejected** — a miss — just before
     /// the response is returned. It is not called after a hit, for an answer served
-    /// because the [`patience`](Fallback::patience) bound ran out (the primary never
+    /// because the `patience` bound (`time` feature) ran out (the primary never
     /// said it missed), for an `Err` (the fallback's, or its readiness error), or for a
     /// request abandoned before it finished.
     ///
