@@ -415,6 +415,23 @@ fn outcome_hook_allocates_nothing() {
     assert_eq!(other.load(Ordering::Relaxed), 0, "nothing abandoned");
 }
 
+#[cfg(feature = "quanta")]
+#[test]
+fn a_hook_on_the_tsc_clock_allocates_nothing() {
+    let _serial = serial();
+    let timed = Arc::new(AtomicUsize::new(0));
+    let counts = Arc::clone(&timed);
+    let layer = layer()
+        .latency_clock(tower_backstop::outcome::LatencyClock::Tsc)
+        .on_outcome(move |outcome: &Outcome| {
+            if outcome.primary_latency.is_some() {
+                counts.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    serves_every_kind_without_allocating(layer);
+    assert_eq!(timed.load(Ordering::Relaxed) as u64, SERVED, "every request timed");
+}
+
 #[test]
 fn stats_allocate_nothing() {
     let _serial = serial();
