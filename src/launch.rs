@@ -138,8 +138,9 @@ pub(crate) type SharedBudget = Arc<dyn tower::retry::budget::Budget + Send + Syn
 /// Launch settings shared by a layer and every service it builds.
 ///
 /// The fields are read anywhere in the crate but written only through the setters,
-/// which precompute what `call` needs: two bytes to read per request, the same whatever
-/// features are compiled in.
+/// which precompute what `call` needs: one word to copy per request (the response
+/// future's [`Control`]), the same whatever features are compiled in, and a check of
+/// the budget when `budget` is.
 #[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) launch: Launch,

@@ -168,9 +168,10 @@ pub enum LatencyClock {
     /// counter alone takes 10 ns).
     #[default]
     Monotonic,
-    /// The CPU's time-stamp counter, read through [`quanta`](https://docs.rs/quanta),
-    /// which falls back to the monotonic clock where the counter is not usable (no
-    /// invariant TSC, not x86). 10 ns a reading on the same machine. It does **not**
+    /// The CPU's own counter — the x86-64 time-stamp counter, the aarch64 system
+    /// counter — read through [`quanta`](https://docs.rs/quanta), which falls back to
+    /// the monotonic clock where there is none it can trust (an x86-64 CPU without an
+    /// invariant TSC, another architecture). 10 ns a reading on the same machine. It does **not**
     /// follow tokio's paused clock: a test that pauses time sees real latencies.
     /// Setting it calibrates the counter once per process, about 0.6 ms there (at most
     /// 200 ms, per quanta).

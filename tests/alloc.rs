@@ -429,7 +429,11 @@ fn a_hook_on_the_tsc_clock_allocates_nothing() {
             }
         });
     serves_every_kind_without_allocating(layer);
-    assert_eq!(timed.load(Ordering::Relaxed) as u64, SERVED, "every request timed");
+    assert_eq!(
+        timed.load(Ordering::Relaxed) as u64,
+        SERVED,
+        "every request timed"
+    );
 }
 
 #[test]

@@ -115,3 +115,69 @@ async fn no_span_without_a_subscriber() {
     let fut = tower::Service::call(&mut svc, 1);
     assert!(format!("{fut:?}").contains("observed: false"));
 }
+
+/// A subscriber that listens to everything and panics on every event.
+struct PanicOnEvent(AtomicU64);
+
+impl Subscriber for PanicOnEvent {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(self.0.fetch_add(1, SeqCst) + 1)
+    }
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+    fn event(&self, _: &Event<'_>) {
+        panic!("subscriber panicked on purpose");
+    }
+    fn enter(&self, _: &span::Id) {}
+    fn exit(&self, _: &span::Id) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_subscriber_leaves_nothing_of_the_layer_behind() {
+    use futures_util::FutureExt;
+    use tower_backstop::outcome::{Outcome, Stats};
+    // The subscriber panics on the finished request's event, which comes before the
+    // hook. The request's cold part goes back to this thread's free list all the same:
+    // it must keep neither the layer's hook nor the span there, and the next request
+    // to take it — a counting layer's — must not run that hook.
+    let in_hook = Arc::new(());
+    let held = Arc::clone(&in_hook);
+    let hooked = Arc::new(AtomicU64::new(0));
+    let calls = Arc::clone(&hooked);
+    let svc = Fallback::new(
+        Probe::fixed("cache", 3, Reply::Value(1)),
+        Probe::fixed("db", 10, Reply::Value(2)),
+    )
+    .accept(hit)
+    .on_outcome(move |_: &Outcome| {
+        let _ = &held;
+        calls.fetch_add(1, SeqCst);
+    });
+    let guard = tracing::subscriber::set_default(PanicOnEvent(AtomicU64::new(0)));
+    let served = std::panic::AssertUnwindSafe(svc.oneshot(1))
+        .catch_unwind()
+        .await;
+    drop(guard);
+    assert!(served.is_err(), "the subscriber's panic reaches the caller");
+    assert_eq!(
+        Arc::strong_count(&in_hook),
+        1,
+        "only the test holds the hook's Arc"
+    );
+
+    let stats = Stats::new();
+    Fallback::new(
+        Probe::fixed("cache", 3, Reply::Value(1)),
+        Probe::fixed("db", 10, Reply::Value(2)),
+    )
+    .accept(hit)
+    .stats(stats.clone())
+    .oneshot(1)
+    .await
+    .unwrap();
+    assert_eq!(stats.snapshot().requests, 1);
+    assert_eq!(hooked.load(SeqCst), 0, "the hook never ran");
+}

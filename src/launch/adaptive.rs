@@ -188,7 +188,8 @@ impl Adaptive {
         }
     }
 
-    /// The delay a request starting now would get, as tokio's timer applies it: the
+    /// The delay a request whose primary is first found pending now would get (the
+    /// estimate is read when the delay is armed), as tokio's timer applies it: the
     /// estimate (or, while warming up, the initial delay) rounded up to a whole
     /// millisecond. The fallback starts on the first timer tick at or after it.
     pub fn delay(&self) -> Duration {
@@ -501,6 +502,7 @@ impl Sampler {
     #[inline(never)]
     fn record_sample(&mut self, answered: bool) {
         self.active = false;
+        self.waits = false;
         let Some(adaptive) = &self.adaptive else {
             return;
         };

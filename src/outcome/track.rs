@@ -389,14 +389,17 @@ impl Tracker {
             elapsed,
             refill: self.refill,
         };
+        // The record is emptied before any user code runs — a subscriber's, a hook's —
+        // so that a part pooled after a panic in it holds no handle on the layer and no
+        // span. (`finish` reports only once.)
+        let observers = t.observers.take();
         #[cfg(feature = "tracing")]
-        if let Some(span) = &t.span {
+        let span = t.span.take();
+        self.timed = None;
+        #[cfg(feature = "tracing")]
+        if let Some(span) = &span {
             super::export::trace(span, &outcome);
         }
-        // The record is emptied before any observer runs, so that a part pooled after a
-        // panicking hook holds no handle on the layer. (`finish` reports only once.)
-        let observers = t.observers.take();
-        self.timed = None;
         let Some(observers) = observers else {
             return;
         };
