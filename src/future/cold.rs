@@ -136,7 +136,7 @@ impl fmt::Debug for ColdSlot {
 
 impl Cold {
     /// A cold part from this thread's free list (or a new one), filled for one request.
-    #[cold]
+    /// Out of line but not `#[cold]`: it is the common path of every observed request.
     #[inline(never)]
     fn take(settings: &Settings, plan: Plan, needed: bool) -> Option<Pin<Box<Cold>>> {
         let mut cold = Cold::pop();
@@ -207,7 +207,6 @@ impl Cold {
     /// Reports an unfinished request as abandoned, drops every handle the part holds
     /// (but a `Stats` and an `Adaptive` estimate, which are only data) and puts it back
     /// on the free list.
-    #[cold]
     #[inline(never)]
     fn recycle(mut cold: Pin<Box<Cold>>) {
         let mut this = cold.as_mut().project();
