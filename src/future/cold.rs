@@ -157,22 +157,27 @@ impl Cold {
         if !settings.launch_state {
             return Some(cold);
         }
-        parts.filled = true;
+        // Only what the layer has is written, and marks the part `filled` for `recycle`
+        // to empty: a pooled part holds none of it already.
         #[cfg(feature = "time")]
         {
-            parts.patience = settings.patience;
+            if let Some(patience) = settings.patience {
+                parts.patience = Some(patience);
+                parts.filled = true;
+            }
             // An adaptive launch's delay is read from its sampler when it is armed.
-            parts.delay = match (&settings.launch, plan) {
-                (crate::launch::Launch::Delayed(delay), Plan::Wait(_)) => Some(*delay),
-                _ => None,
-            };
+            if let (crate::launch::Launch::Delayed(delay), Plan::Wait(_)) = (&settings.launch, plan)
+            {
+                parts.delay = Some(*delay);
+                parts.filled = true;
+            }
         }
         #[cfg(feature = "budget")]
         {
-            parts.budget = match plan.may_speculate() {
-                true => settings.budget.clone(),
-                false => None,
-            };
+            if let (Some(budget), true) = (&settings.budget, plan.may_speculate()) {
+                parts.budget = Some(budget.clone());
+                parts.filled = true;
+            }
         }
         // Every primary call under an adaptive launch is timed or sampled, eligible or
         // not: the estimate is of the primary's latency, whatever happens to the fallback.
@@ -299,7 +304,12 @@ impl Cold {
             let delay = delay.or_else(|| this.parts.sampler.take_delay());
             if let Some(delay) = delay {
                 match Plan::deadline(now, delay) {
-                    Some(deadline) => this.timer.set(Some(tokio::time::sleep_until(deadline))),
+                    Some(deadline) => {
+                        // An adaptive launch's timer is the first thing its part holds
+                        // for `recycle` to empty.
+                        this.parts.filled = true;
+                        this.timer.set(Some(tokio::time::sleep_until(deadline)));
+                    }
                     None => return false,
                 }
             }
