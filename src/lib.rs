@@ -104,7 +104,7 @@
 //! | `budget` | no | `budget`, capping speculative launches with a [`TpsBudget`](https://docs.rs/tower/latest/tower/retry/budget/struct.TpsBudget.html) or any `Budget`, re-exported in the `budget` module |
 //! | `tracing` | no | a debug-level span per request carrying its outcome |
 //! | `metrics` | no | outcome counters and latency histograms through the `metrics` facade |
-//! | `quanta` | no | `outcome::LatencyClock::Tsc`: the latencies observers get read from the CPU's counter through [`quanta`](https://docs.rs/quanta), which takes about 45 % off what a hook adds to a request in the same build; unlike the default clock it does not follow tokio's paused clock |
+//! | `quanta` | no | `outcome::LatencyClock::Tsc`: the latencies observers get read from the CPU's counter through [`quanta`](https://docs.rs/quanta), which takes about 40 % off what a hook adds to a request in the same build; unlike the default clock it does not follow tokio's paused clock |
 //! | `http` | no | the `http` module: request-body buffering so `http::Request`s can be cloned for the fallback, HTTP-status and gRPC-status predicates (axum, hyper, tonic), method predicates for `speculate_if` |
 //! | `axum` | no | `http`, and `http::Reroute`: an axum `Router` as the fallback behind `Router::layer` and `route_layer` (depends on axum without its default features) |
 //!

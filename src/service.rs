@@ -345,7 +345,7 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// follows tokio's paused clock in tests.
     ///
     /// The clock readings are most of what a hook costs: with `LatencyClock::Tsc` (the
-    /// `quanta` feature) a hook costs about 45 % less over an unobserved request (see
+    /// `quanta` feature) a hook costs about 40 % less over an unobserved request (see
     /// `docs/overhead.md`), but its latencies no longer follow a paused clock. Choosing
     /// `Tsc` calibrates the counter here, once per process, rather than on the first
     /// request. Without an observer the clock is never read, whatever it is.
