@@ -129,9 +129,12 @@ where
 }
 
 /// Every test here runs alone. A `tracing` subscriber, even a scoped one, raises the
-/// process-wide level filter while it is installed, and with it every other thread's
-/// requests become observed ones: a test warmed up before that and measured during it
-/// would count the cold part its first observed request takes.
+/// process-wide level filter, and with it every thread's requests take a cold part to
+/// check for a listening span: a test warmed up before that and measured during it
+/// would count the cold part its first such request takes. The filter stays raised
+/// after the subscriber is gone (tracing recomputes it only when a subscriber is
+/// registered, and counts its no-op subscriber as listening at every level); a test
+/// that needs it low lowers it (`lower_tracing_filter`).
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     SERIAL
@@ -607,6 +610,35 @@ fn a_panicking_hook_leaves_nothing_of_its_layer_in_the_free_list() {
     );
 }
 
+/// Puts tracing's process-wide level filter back to `OFF`, as if no subscriber had
+/// ever been installed: registering a subscriber recomputes it from the live ones, and
+/// this one, the only one alive while the tests run one at a time, listens to nothing.
+#[cfg(feature = "tracing")]
+fn lower_tracing_filter() {
+    struct Deaf;
+    impl tracing::Subscriber for Deaf {
+        fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+            Some(tracing::level_filters::LevelFilter::OFF)
+        }
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            false
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {}
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+    drop(tracing::subscriber::set_default(Deaf));
+    assert_eq!(
+        tracing::level_filters::LevelFilter::current(),
+        tracing::level_filters::LevelFilter::OFF
+    );
+}
+
 /// Serves `N` hits and `N` misses whose primary answers on its first poll through
 /// `layer`, on a thread of its own and without a warm-up, so that its free list of cold
 /// parts is empty: taking one would allocate it. Returns the allocations counted.
@@ -616,6 +648,9 @@ where
     L: Layer<Cache> + Send + 'static,
     L::Service: Service<u64, Response = Option<u64>, Error = Infallible>,
 {
+    // Whatever tests ran before: no request may take a cold part for `tracing`.
+    #[cfg(feature = "tracing")]
+    lower_tracing_filter();
     std::thread::spawn(move || {
         let rt = timer_runtime();
         let _entered = rt.enter();
