@@ -613,7 +613,7 @@ fn a_panicking_hook_leaves_nothing_of_its_layer_in_the_free_list() {
 /// Puts tracing's process-wide level filter back to `OFF`, as if no subscriber had
 /// ever been installed: registering a subscriber recomputes it from the live ones, and
 /// this one, the only one alive while the tests run one at a time, listens to nothing.
-#[cfg(feature = "tracing")]
+#[cfg(all(feature = "tracing", feature = "time"))]
 fn lower_tracing_filter() {
     struct Deaf;
     impl tracing::Subscriber for Deaf {
