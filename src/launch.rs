@@ -162,12 +162,6 @@ pub(crate) struct Settings {
     /// Whether a request's cold part holds anything of the launch: a delay, patience, a
     /// budget or an adaptive sample (rather than observers alone).
     pub(crate) launch_state: bool,
-    /// What a cold part taken late is filled with: [`Deferred::NONE`] unless requests
-    /// take their cold part late. Such requests need none at `call` (`NeedsCold::Never`),
-    /// and one at the first poll that needs it — to arm the launch delay when the
-    /// primary is first found pending, or the patience bound when the fallback answers
-    /// first — so a primary that answers on its first poll never needs one.
-    pub(crate) deferred: Deferred,
 }
 
 /// What a response future whose cold part is taken late fills it with, in the hot part:
@@ -219,7 +213,6 @@ impl Default for Settings {
             starts: [Control::new(Plan::Now, Deferred::NONE); 2],
             cold: NeedsCold::Never,
             launch_state: false,
-            deferred: Deferred::NONE,
         };
         settings.refresh();
         settings
@@ -269,7 +262,12 @@ impl Settings {
 
     /// The observers, to add one to.
     pub(crate) fn observers_mut(&mut self) -> &mut Observers {
-        self.cold = NeedsCold::Always;
+        // The first observer changes what every request needs: recomputed like any
+        // other setting, rather than patched here.
+        if self.observers.is_none() {
+            self.observers = Some(Arc::default());
+            self.refresh();
+        }
         Arc::make_mut(self.observers.get_or_insert_with(Default::default))
     }
 
@@ -304,17 +302,29 @@ impl Settings {
             (false, true) => NeedsCold::IfSpeculating,
             (false, false) => NeedsCold::Never,
         };
-        self.deferred = Deferred::NONE;
+        // What a cold part taken late is filled with: `Deferred::NONE` unless requests
+        // take their cold part late. Such requests need none at `call`
+        // (`NeedsCold::Never`), and one at the first poll that needs it — to arm the
+        // launch delay when the primary is first found pending, or the patience bound
+        // when the fallback answers first — so a primary that answers on its first poll
+        // never needs one.
         #[cfg(feature = "time")]
-        if launch && !budget && self.observers.is_none() {
-            if let Some(deferred) = self.late() {
+        let late = match launch && !budget && self.observers.is_none() {
+            true => self.late(),
+            false => None,
+        };
+        #[cfg(not(feature = "time"))]
+        let late = None;
+        let deferred = match late {
+            Some(late) => {
                 self.cold = NeedsCold::Never;
-                self.deferred = deferred;
+                late
             }
-        }
+            None => Deferred::NONE,
+        };
         self.starts = [
-            Control::new(ineligible, self.deferred),
-            Control::new(eligible, self.deferred),
+            Control::new(ineligible, deferred),
+            Control::new(eligible, deferred),
         ];
     }
 
