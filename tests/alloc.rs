@@ -490,17 +490,23 @@ fn patience_allocates_nothing() {
     serves_every_kind_without_allocating(layer().patience(std::time::Duration::from_secs(60)));
 }
 
-/// A `tracing` subscriber that listens to everything and allocates nothing.
+/// A `tracing` subscriber that listens to everything and allocates nothing; a `deaf`
+/// one listens to nothing, and says so in its level hint.
 #[cfg(feature = "tracing")]
 #[derive(Default)]
 struct Listening {
     next_id: Arc<std::sync::atomic::AtomicU64>,
+    deaf: bool,
 }
 
 #[cfg(feature = "tracing")]
 impl tracing::Subscriber for Listening {
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        self.deaf
+            .then_some(tracing::level_filters::LevelFilter::OFF)
+    }
     fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
+        !self.deaf
     }
     fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
         tracing::span::Id::from_u64(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
@@ -520,6 +526,7 @@ fn tracing_with_a_subscriber_allocates_nothing() {
     let spans = Arc::default();
     let subscriber = Listening {
         next_id: Arc::clone(&spans),
+        deaf: false,
     };
     tracing::subscriber::with_default(subscriber, || {
         serves_every_kind_without_allocating(layer());
@@ -615,24 +622,11 @@ fn a_panicking_hook_leaves_nothing_of_its_layer_in_the_free_list() {
 /// this one, the only one alive while the tests run one at a time, listens to nothing.
 #[cfg(all(feature = "tracing", feature = "time"))]
 fn lower_tracing_filter() {
-    struct Deaf;
-    impl tracing::Subscriber for Deaf {
-        fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
-            Some(tracing::level_filters::LevelFilter::OFF)
-        }
-        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-            false
-        }
-        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-            tracing::span::Id::from_u64(1)
-        }
-        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-        fn event(&self, _: &tracing::Event<'_>) {}
-        fn enter(&self, _: &tracing::span::Id) {}
-        fn exit(&self, _: &tracing::span::Id) {}
-    }
-    drop(tracing::subscriber::set_default(Deaf));
+    let deaf = Listening {
+        deaf: true,
+        ..Listening::default()
+    };
+    drop(tracing::subscriber::set_default(deaf));
     assert_eq!(
         tracing::level_filters::LevelFilter::current(),
         tracing::level_filters::LevelFilter::OFF

@@ -26,10 +26,12 @@ struct Seen {
     events: Vec<(Level, Vec<(String, String)>)>,
 }
 
+/// Records what it sees; one that `panics` panics on every event instead.
 #[derive(Clone, Default)]
 struct Capture {
     seen: Arc<Mutex<Seen>>,
     next_id: Arc<AtomicU64>,
+    panics: bool,
 }
 
 struct Fields(Vec<(String, String)>);
@@ -58,6 +60,9 @@ impl Subscriber for Capture {
     }
     fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
     fn event(&self, event: &Event<'_>) {
+        if self.panics {
+            panic!("subscriber panicked on purpose");
+        }
         let mut fields = Fields(Vec::new());
         event.record(&mut fields);
         let level = *event.metadata().level();
@@ -116,25 +121,6 @@ async fn no_span_without_a_subscriber() {
     assert!(format!("{fut:?}").contains("observed: false"));
 }
 
-/// A subscriber that listens to everything and panics on every event.
-struct PanicOnEvent(AtomicU64);
-
-impl Subscriber for PanicOnEvent {
-    fn enabled(&self, _: &Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
-        span::Id::from_u64(self.0.fetch_add(1, SeqCst) + 1)
-    }
-    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
-    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
-    fn event(&self, _: &Event<'_>) {
-        panic!("subscriber panicked on purpose");
-    }
-    fn enter(&self, _: &span::Id) {}
-    fn exit(&self, _: &span::Id) {}
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_panicking_subscriber_leaves_nothing_of_the_layer_behind() {
     use futures_util::FutureExt;
@@ -156,7 +142,11 @@ async fn a_panicking_subscriber_leaves_nothing_of_the_layer_behind() {
         let _ = &held;
         calls.fetch_add(1, SeqCst);
     });
-    let guard = tracing::subscriber::set_default(PanicOnEvent(AtomicU64::new(0)));
+    let panicking = Capture {
+        panics: true,
+        ..Capture::default()
+    };
+    let guard = tracing::subscriber::set_default(panicking);
     let served = std::panic::AssertUnwindSafe(svc.oneshot(1))
         .catch_unwind()
         .await;
