@@ -3,8 +3,9 @@
 //!
 //! Available with the `budget` feature.
 //!
-//! A budget is shared by every service a layer builds. Every request deposits into it;
-//! every *speculative* launch (a fallback started before the primary was rejected)
+//! A budget is shared by every service a layer builds. Every request deposits into it,
+//! at the first poll of its response future (a future dropped unpolled is a request
+//! that never ran, and deposits nothing); every *speculative* launch (a fallback started before the primary was rejected)
 //! withdraws from it, and a refused withdrawal makes that one request sequential. See
 //! the [`launch`](crate::launch) module for how to size it.
 //!

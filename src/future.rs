@@ -185,7 +185,7 @@ where
     #[inline(never)]
     fn poll_cold(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
         if let Some(cold) = self.as_mut().project().cold.get() {
-            cold.tracker().new_poll();
+            cold.new_poll();
         }
         // A clone: the poll goes on to update the tracker while the span is entered.
         #[cfg(feature = "tracing")]

@@ -23,7 +23,8 @@
 //!
 //! A *speculative* launch is one that starts before the primary has been rejected.
 //! With a budget set (`Fallback::budget`, feature `budget`), every request deposits
-//! into it and every speculative launch withdraws from it; a refused withdrawal
+//! into it (at its response future's first poll: one dropped unpolled never ran, and
+//! deposits nothing) and every speculative launch withdraws from it; a refused withdrawal
 //! degrades that one request to sequential. Size the two together: an adaptive launch
 //! at percentile `q` speculates for at most about `1 - q` of the requests, so a budget below
 //! that refuses some of exactly the slow requests speculation is for (the latency
@@ -157,8 +158,8 @@ pub(crate) struct Settings {
     /// its flags cleared — for an ineligible request and for an eligible one: copied
     /// whole into the future at `call`, one word.
     starts: [Control; 2],
-    /// Which requests need a cold part (a `tracing` subscriber aside).
-    cold: NeedsCold,
+    /// Whether every request needs a cold part at `call` (a `tracing` subscriber aside).
+    cold: bool,
     /// Whether a request's cold part holds anything of the launch: a delay, patience, a
     /// budget or an adaptive sample (rather than observers alone).
     pub(crate) launch_state: bool,
@@ -192,14 +193,6 @@ impl Deferred {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum NeedsCold {
-    Never,
-    /// Only requests that may speculate: to withdraw from the budget.
-    IfSpeculating,
-    Always,
-}
-
 impl Default for Settings {
     fn default() -> Self {
         let mut settings = Settings {
@@ -211,7 +204,7 @@ impl Default for Settings {
             observers: None,
             clock: LatencyClock::Monotonic,
             starts: [Control::new(Plan::Now, Deferred::NONE); 2],
-            cold: NeedsCold::Never,
+            cold: false,
             launch_state: false,
         };
         settings.refresh();
@@ -296,15 +289,11 @@ impl Settings {
         #[cfg(not(feature = "budget"))]
         let budget = false;
         self.launch_state = launch || budget;
-        let always = launch || self.observers.is_some();
-        self.cold = match (always, budget) {
-            (true, _) => NeedsCold::Always,
-            (false, true) => NeedsCold::IfSpeculating,
-            (false, false) => NeedsCold::Never,
-        };
+        // Every request of a layer with a budget deposits into it, from its cold part.
+        self.cold = launch || budget || self.observers.is_some();
         // What a cold part taken late is filled with: `Deferred::NONE` unless requests
         // take their cold part late. Such requests need none at `call`
-        // (`NeedsCold::Never`), and one at the first poll that needs it — to arm the
+        // (`cold` is `false`), and one at the first poll that needs it — to arm the
         // launch delay when the primary is first found pending, or the patience bound
         // when the fallback answers first — so a primary that answers on its first poll
         // never needs one.
@@ -317,7 +306,7 @@ impl Settings {
         let late = None;
         let deferred = match late {
             Some(late) => {
-                self.cold = NeedsCold::Never;
+                self.cold = false;
                 late
             }
             None => Deferred::NONE,
@@ -343,35 +332,19 @@ impl Settings {
     }
 
     /// Plans one request: called once per request, in `call`, after all the user code
-    /// `call` runs. Deposits into the budget.
+    /// `call` runs. (A request of a layer with a budget deposits into it at its first
+    /// poll, from its cold part.)
     #[inline]
     pub(crate) fn start(&self, eligible: bool) -> Control {
-        #[cfg(feature = "budget")]
-        if self.budget.is_some() {
-            self.deposit();
-        }
         self.starts[usize::from(eligible)]
     }
 
-    /// Every request deposits into the budget, if there is one.
-    #[cfg(feature = "budget")]
-    #[inline(never)]
-    fn deposit(&self) {
-        if let Some(budget) = &self.budget {
-            budget.deposit();
-        }
-    }
-
-    /// Whether a request with this plan needs anything beyond the plan itself: a timer,
-    /// a budget to withdraw from, an adaptive sample, patience, an observer. (A
+    /// Whether a request needs anything beyond its plan at `call`: a timer, a budget to
+    /// deposit into and withdraw from, an adaptive sample, patience, an observer. (A
     /// `tracing` subscriber is checked apart: only one that listens needs a cold part.)
     #[inline]
-    pub(crate) fn needs_cold(&self, plan: Plan) -> bool {
-        match self.cold {
-            NeedsCold::Never => false,
-            NeedsCold::IfSpeculating => !matches!(plan, Plan::OnReject(_)),
-            NeedsCold::Always => true,
-        }
+    pub(crate) fn needs_cold(&self) -> bool {
+        self.cold
     }
 }
 

@@ -142,13 +142,24 @@ pub struct Outcome {
     pub primary_latency: Option<Duration>,
     /// From the fallback's launch to its answer, if it answered.
     pub fallback_latency: Option<Duration>,
-    /// From the call to the end of the request.
+    /// From the call to the end of the request: to the poll that handed out its answer,
+    /// or, for an abandoned request, to the moment its response future was dropped
+    /// (read at the drop, whether or not the future was polled then).
     pub elapsed: Duration,
     /// Whether the fallback's answer was written back by the layer's
     /// [`refill`](crate::Fallback::refill) action, and how that went. `None` when no
     /// refill ran: after a hit, without a refill action, for a request it keeps no key
     /// of, for an answer served after the patience bound ran out, for an `Err`.
     pub refill: Option<Refilled>,
+    /// Whether the response future was polled at all. `false` only for a request
+    /// abandoned before its first poll (a caller that dropped the future unawaited, a
+    /// server shedding a request before its handler ran): such a request ran nothing of
+    /// the layer's after `call`. It is reported and counted like every abandoned
+    /// request ([`Served::Abandoned`], [`Fate::NotLaunched`], `elapsed` from the call to
+    /// the drop) and also counted in
+    /// [`Snapshot::abandoned_unpolled`]; it deposits nothing in a budget and
+    /// teaches an adaptive launch's estimate nothing.
+    pub polled: bool,
 }
 
 /// The clock an [`Outcome`]'s latencies (and the `metrics` histograms' and the

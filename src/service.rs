@@ -58,8 +58,9 @@ use tower_service::Service;
 ///   the fallback's and the predicate's `clone`, then the primary's `call`, in that
 ///   order (so a panicking clone leaves the primary uncalled): the
 ///   request leaves no trace. Nothing is deposited in the budget, and no outcome is
-///   reported or counted; there was no request. (The deposit comes last: a budget of
-///   your own whose `deposit` panics leaves no trace either.)
+///   reported or counted; there was no request. (The deposit is made at the response
+///   future's first poll: a budget of your own whose `deposit` panics poisons the
+///   future, as below.)
 /// - **In the response future** — either branch's future, the fallback's `poll_ready`
 ///   or `call`, the [`Accept`](crate::accept::Accept) predicate, the refill action's
 ///   `refill`, a branch's `drop`: the
@@ -193,7 +194,8 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// rejected — with a [`Budget`](crate::budget::Budget), such as
     /// [`TpsBudget`](crate::budget::TpsBudget). Default: no cap.
     ///
-    /// Every request deposits; every speculative launch withdraws. A refused withdrawal
+    /// Every request deposits, at the first poll of its response future (one dropped
+    /// unpolled deposits nothing); every speculative launch withdraws. A refused withdrawal
     /// makes that request sequential: its fallback still starts if the primary is
     /// rejected. The budget is shared by all clones of this service.
     ///
@@ -368,7 +370,8 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     ///
     /// Counters: `backstop_requests_total{served}`, `backstop_fallback_total{fate}`,
     /// `backstop_fallback_launches_total{launched}`, `backstop_budget_refusals_total`,
-    /// `backstop_fallback_first_total`, `backstop_refills_total{result}`; histograms (seconds):
+    /// `backstop_fallback_first_total`, `backstop_refills_total{result}`,
+    /// `backstop_abandoned_unpolled_total`; histograms (seconds):
     /// `backstop_primary_latency_seconds`, `backstop_fallback_latency_seconds`. The
     /// handles are registered here, once: install the metrics recorder before calling
     /// this.
@@ -444,8 +447,9 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         // CORRECTNESS: all the user code `call` runs comes first — the clones before the
         // primary's `call`, so that a panicking clone leaves the primary uncalled — and
-        // only then is the request planned (a budget deposit, an outcome tracker). A panic
-        // here thus leaves no trace: nothing deposited, counted or reported.
+        // only then is the request planned (an outcome tracker; the budget deposit is made
+        // at the first poll). A panic here thus leaves no trace: nothing deposited,
+        // counted or reported.
         let eligible = self.eligible.eligible(&req);
         // Only a request that may be refilled holds a clone of the refill action.
         let refill = match self.refill.key(&req) {

@@ -321,6 +321,30 @@ async fn a_warm_up_of_calls_all_cut_short_still_ends() {
     assert_eq!(adaptive.delay(), ms(21));
 }
 
+#[tokio::test(start_paused = true)]
+async fn futures_dropped_unpolled_teach_the_estimate_nothing() {
+    // The case: a server under overload drops 1,000 response futures before
+    // they run, then serves 10 requests whose primary answers in 20 ms. Those never-run
+    // calls must neither end the warm-up nor pull the estimate to 0: the initial 50 ms
+    // delay still applies, and no hit starts a fallback.
+    let adaptive = Adaptive::new(0.9, ms(50)).window(200).min_samples(50);
+    let db = Probe::fixed("db", 10, Reply::Value(2));
+    let db_calls = db.counts();
+    let mut svc = Fallback::new(Probe::fixed("cache", 20, Reply::Value(1)), db)
+        .accept(hit)
+        .launch(Launch::Adaptive(adaptive.clone()));
+    for key in 0..1_000 {
+        drop(svc.call(key));
+    }
+    assert_eq!(adaptive.estimate(), None, "{adaptive:?}");
+    for key in 0..10 {
+        svc.clone().oneshot(key).await.unwrap();
+    }
+    assert_eq!(adaptive.estimate(), None, "{adaptive:?}");
+    assert_eq!(adaptive.delay(), ms(50));
+    assert_eq!(db_calls.started(), 0);
+}
+
 // ---------------------------------------------------------------------------------
 // Sampling
 // ---------------------------------------------------------------------------------

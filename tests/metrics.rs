@@ -59,6 +59,8 @@ fn outcomes_are_exported_through_the_facade() {
         for key in [0, 1, 2] {
             svc.clone().oneshot(key).await.unwrap();
         }
+        // Dropped before its first poll: abandoned, and unpolled.
+        drop(tower::Service::call(&mut svc.clone(), 3));
     });
 
     let snapshot = snapshotter.snapshot().into_vec();
@@ -74,6 +76,11 @@ fn outcomes_are_exported_through_the_facade() {
         counter("backstop_requests_total", Some(("served", "fallback"))),
         2
     );
+    assert_eq!(
+        counter("backstop_requests_total", Some(("served", "abandoned"))),
+        1
+    );
+    assert_eq!(counter("backstop_abandoned_unpolled_total", None), 1);
     assert_eq!(
         counter(
             "backstop_fallback_total",

@@ -171,3 +171,37 @@ async fn a_panicking_subscriber_leaves_nothing_of_the_layer_behind() {
     assert_eq!(stats.snapshot().requests, 1);
     assert_eq!(hooked.load(SeqCst), 0, "the hook never ran");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_request_reports_the_time_to_its_drop() {
+    use support::poll_once;
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let mut svc = Fallback::new(
+        Probe::fixed("cache", 1_000, Reply::Value(1)),
+        Probe::fixed("db", 1_000, Reply::Value(2)),
+    )
+    .accept(hit);
+    // Polled at 0, dropped at 500 ms with no poll then.
+    let mut fut = Box::pin(tower::Service::call(&mut svc, 1));
+    assert!(poll_once(&mut fut).await.is_pending());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    drop(fut);
+    // And one dropped before its first poll.
+    drop(tower::Service::call(&mut svc, 2));
+
+    let seen = capture.seen.lock().unwrap();
+    let field = |fields: &[(String, String)], name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(seen.events.len(), 2);
+    let (_, polled) = &seen.events[0];
+    assert_eq!(field(polled, "elapsed_us").as_deref(), Some("500000"));
+    assert_eq!(field(polled, "polled").as_deref(), Some("true"));
+    let (_, unpolled) = &seen.events[1];
+    assert_eq!(field(unpolled, "served").as_deref(), Some("Abandoned"));
+    assert_eq!(field(unpolled, "polled").as_deref(), Some("false"));
+}

@@ -6,7 +6,7 @@
 
 use crate::{
     launch::{Plan, Settings, Timer},
-    outcome::{tracing_may_listen, Served, Tracker},
+    outcome::{tracing_may_listen, Tracker},
 };
 use pin_project_lite::pin_project;
 use std::{
@@ -54,9 +54,17 @@ struct Parts {
     delay: Option<Duration>,
     #[cfg(feature = "time")]
     patience: Option<Duration>,
-    /// Only a request that may speculate holds the budget, to withdraw from it.
+    /// Every request of a layer with a budget holds it: to deposit into at its first
+    /// poll, and, if it may speculate, to withdraw from once.
     #[cfg(feature = "budget")]
     budget: Option<crate::launch::SharedBudget>,
+    /// The deposit is still to be made: at the first poll, so that a response future
+    /// dropped unpolled — a request that never ran — deposits nothing.
+    #[cfg(feature = "budget")]
+    deposit_due: bool,
+    /// The request may still withdraw, once.
+    #[cfg(feature = "budget")]
+    may_withdraw: bool,
     /// Times the primary for an adaptive launch, if this request is sampled.
     #[cfg(feature = "adaptive")]
     sampler: crate::launch::adaptive::Sampler,
@@ -74,14 +82,14 @@ impl ColdSlot {
     /// The cold part a request planned as `plan` needs under `settings`, if any.
     #[inline]
     pub(crate) fn new(settings: &Settings, plan: Plan) -> Self {
-        let needed = settings.needs_cold(plan);
+        let needed = settings.needs_cold();
         if !needed && !tracing_may_listen() {
             return ColdSlot(None);
         }
         ColdSlot(Cold::take(settings, plan, needed))
     }
 
-    /// Takes the cold part of a request whose layer takes it late (`NeedsCold::Late`), at
+    /// Takes the cold part of a request whose layer takes it late (its `Deferred` is set), at
     /// the first poll that needs it: holding `delay` to arm, or `patience`.
     #[cfg(feature = "time")]
     #[cold]
@@ -134,6 +142,18 @@ impl fmt::Debug for ColdSlot {
     }
 }
 
+#[cfg(feature = "budget")]
+impl Parts {
+    /// The request's one deposit. Out of line: only a layer with a budget gets here.
+    #[inline(never)]
+    fn deposit(&mut self) {
+        self.deposit_due = false;
+        if let Some(budget) = &self.budget {
+            budget.deposit();
+        }
+    }
+}
+
 impl Cold {
     /// A cold part from this thread's free list (or a new one), filled for one request.
     /// Out of line but not `#[cold]`: it is the common path of every observed request.
@@ -174,8 +194,10 @@ impl Cold {
         }
         #[cfg(feature = "budget")]
         {
-            if let (Some(budget), true) = (&settings.budget, plan.may_speculate()) {
+            if let Some(budget) = &settings.budget {
                 parts.budget = Some(budget.clone());
+                parts.deposit_due = true;
+                parts.may_withdraw = plan.may_speculate();
                 parts.filled = true;
             }
         }
@@ -220,7 +242,7 @@ impl Cold {
         #[cfg(feature = "adaptive")]
         this.parts.sampler.record_at_least();
         // Runs the outcome hook, which may panic: then the cold part is simply freed.
-        this.parts.tracker.finish(Served::Abandoned);
+        this.parts.tracker.abandon();
         // Only a part filled with something of the launch holds anything more to empty.
         if std::mem::take(&mut this.parts.filled) {
             this.timer.set(None);
@@ -230,6 +252,8 @@ impl Cold {
             #[cfg(feature = "budget")]
             {
                 this.parts.budget = None;
+                this.parts.deposit_due = false;
+                this.parts.may_withdraw = false;
             }
             #[cfg(feature = "time")]
             {
@@ -271,6 +295,18 @@ impl Cold {
         self.project().parts.sampler.record_at_least();
         #[cfg(not(feature = "adaptive"))]
         let _ = self;
+    }
+
+    /// A poll begins: the tracker reads the clock afresh, and the first poll makes the
+    /// budget deposit. Inlined into the cold poll.
+    #[inline(always)]
+    pub(crate) fn new_poll(self: Pin<&mut Self>) {
+        let parts = self.project().parts;
+        parts.tracker.new_poll();
+        #[cfg(feature = "budget")]
+        if parts.deposit_due {
+            parts.deposit();
+        }
     }
 
     /// The request's record, to update.
@@ -340,7 +376,7 @@ impl Cold {
         #[cfg(feature = "budget")]
         {
             let parts = self.project().parts;
-            if let Some(budget) = parts.budget.take() {
+            if let (true, Some(budget)) = (std::mem::take(&mut parts.may_withdraw), &parts.budget) {
                 if !budget.withdraw() {
                     parts.tracker.budget_refused();
                     return false;

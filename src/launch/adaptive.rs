@@ -38,7 +38,9 @@ const MAX_WINDOW: u64 = u32::MAX as u64;
 /// then): the fallback starts no earlier than callers are known to wait.
 ///
 /// Cut-short calls count towards the warm-up, so a warm-up ends even if every call is
-/// cut short. But an estimate can never exceed what callers wait for, nor speculation
+/// cut short. A call whose response future is dropped before its primary was ever found
+/// pending (dropped unpolled: a caller gone, a server shedding requests before their
+/// handlers run) is no sample at all: it never ran, and teaches the estimate nothing. But an estimate can never exceed what callers wait for, nor speculation
 /// help a caller who gave up: **set the initial delay below any timeout around the
 /// layer**, and expect no early launches when callers give up before the primary's
 /// percentile.
@@ -508,6 +510,12 @@ impl Sampler {
         };
         match self.pending_since {
             Some(since) => adaptive.record(since.elapsed(), answered, 1),
+            // CORRECTNESS: never found pending and never answered, the call never ran —
+            // its response future was dropped before its first poll (a caller gone, a
+            // server shedding load) — and says nothing of the primary's latency. Recorded,
+            // it would be a cut at 0 that ends the warm-up with an estimate of 0: every
+            // later request would speculate, just when the fallback can least afford it.
+            None if !answered => {}
             None if pick_instant() => adaptive.record(Duration::ZERO, answered, INSTANT_SAMPLE),
             None => {}
         }

@@ -23,12 +23,14 @@ pub(crate) fn trace(span: &tracing::Span, o: &Outcome) {
     if let Some(refill) = o.refill {
         span.record("refill", tracing::field::debug(refill));
     }
+    span.record("polled", o.polled);
     tracing::debug!(
         parent: span,
         served = ?o.served,
         primary = ?o.primary,
         fallback = ?o.fallback,
         elapsed_us = o.elapsed.as_micros() as u64,
+        polled = o.polled,
         "request finished"
     );
 }
@@ -48,6 +50,7 @@ pub(crate) mod metrics {
         budget_refusals: Counter,
         fallback_first: Counter,
         refills: [Counter; 2],
+        unpolled: Counter,
         primary_latency: Histogram,
         fallback_latency: Histogram,
     }
@@ -77,6 +80,10 @@ pub(crate) mod metrics {
             ::metrics::describe_counter!(
                 "backstop_refills_total",
                 "Fallback answers handed to the refill action after a miss, by result (started, failed)."
+            );
+            ::metrics::describe_counter!(
+                "backstop_abandoned_unpolled_total",
+                "Abandoned requests whose response future was dropped before its first poll."
             );
             ::metrics::describe_histogram!(
                 "backstop_primary_latency_seconds",
@@ -119,6 +126,7 @@ pub(crate) mod metrics {
                     launched("not_eligible"),
                 ],
                 budget_refusals: ::metrics::counter!("backstop_budget_refusals_total", "layer" => layer),
+                unpolled: ::metrics::counter!("backstop_abandoned_unpolled_total", "layer" => layer),
                 fallback_first: ::metrics::counter!("backstop_fallback_first_total", "layer" => layer),
                 primary_latency: ::metrics::histogram!(
                     "backstop_primary_latency_seconds",
@@ -163,6 +171,9 @@ pub(crate) mod metrics {
             }
             if o.fallback_first {
                 self.fallback_first.increment(1);
+            }
+            if !o.polled {
+                self.unpolled.increment(1);
             }
             match o.refill {
                 Some(Refilled::Started) => self.refills[0].increment(1),

@@ -34,6 +34,9 @@ struct Counters {
     /// Refills started and refills failed: counted apart from the classes, when a
     /// refill runs, so that the classes do not double.
     refills: [AtomicU64; 2],
+    /// Requests abandoned before their first poll, counted apart from the classes as
+    /// well (each is also one of the abandoned ones).
+    unpolled: AtomicU64,
 }
 
 impl Default for Counters {
@@ -41,6 +44,7 @@ impl Default for Counters {
         Counters {
             by_class: std::array::from_fn(|_| AtomicU64::new(0)),
             refills: [AtomicU64::new(0), AtomicU64::new(0)],
+            unpolled: AtomicU64::new(0),
         }
     }
 }
@@ -127,6 +131,11 @@ pub struct Snapshot {
     pub served_by_fallback: u64,
     /// Requests whose response future was dropped before it finished.
     pub abandoned: u64,
+    /// Of the `abandoned`, those whose response future was dropped before its first
+    /// poll: they ran nothing of the layer's after `call` (see
+    /// [`Outcome::polled`](super::Outcome::polled)). Many of these mean callers give up
+    /// before their requests are even started — an overloaded server.
+    pub abandoned_unpolled: u64,
     /// Fallback calls started, speculatively or not.
     pub fallback_launches: u64,
     /// Fallback calls started before the primary was rejected.
@@ -185,6 +194,7 @@ impl Stats {
         let [started, failed] = &self.inner.refills;
         snapshot.refills = started.load(Relaxed);
         snapshot.refill_failures = failed.load(Relaxed);
+        snapshot.abandoned_unpolled = self.inner.unpolled.load(Relaxed);
         snapshot
     }
 
@@ -197,6 +207,12 @@ impl Stats {
     #[inline]
     pub(crate) fn count(&self, class: Class) {
         self.inner.by_class[class.index()].fetch_add(1, Relaxed);
+    }
+
+    /// A request was abandoned before its first poll (and counted as abandoned too).
+    #[inline]
+    pub(crate) fn count_unpolled(&self) {
+        self.inner.unpolled.fetch_add(1, Relaxed);
     }
 
     /// A refill ran: started (`ok`) or failed.
@@ -216,7 +232,7 @@ impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} requests: {} by primary, {} by fallback, {} abandoned; \
+            "{} requests: {} by primary, {} by fallback, {} abandoned ({} unpolled); \
              {} fallback launches ({} speculative, {} cancelled, {} wasted); \
              {} budget refusals; fallback first {} times; \
              {} refills started, {} failed",
@@ -224,6 +240,7 @@ impl fmt::Display for Snapshot {
             self.served_by_primary,
             self.served_by_fallback,
             self.abandoned,
+            self.abandoned_unpolled,
             self.fallback_launches,
             self.speculative_launches,
             self.fallbacks_cancelled,

@@ -68,6 +68,9 @@ pub(crate) struct Tracker {
     budget_refused: bool,
     fallback_first: bool,
     refill: Option<Refilled>,
+    /// Whether the response future has been polled: one that is dropped before its
+    /// first poll never ran, and is reported as such.
+    polled: bool,
     /// The layer's `Stats`, if it counts. Kept when the cold part is pooled, and reused
     /// by the next request of a layer with the same `Stats`: counting then costs no
     /// reference-count traffic. (It holds counters only: keeping it runs no user code
@@ -155,6 +158,7 @@ impl Default for Tracker {
             budget_refused: false,
             fallback_first: false,
             refill: None,
+            polled: false,
             stats: None,
             timed: None,
             reading: None,
@@ -179,6 +183,7 @@ impl Tracker {
         self.budget_refused = false;
         self.fallback_first = false;
         self.refill = None;
+        self.polled = false;
 
         let timed = observers.filter(|o| o.want_latencies());
         // No span at all unless a subscriber may want it: making one costs even when
@@ -233,6 +238,7 @@ impl Tracker {
     #[inline]
     pub(crate) fn new_poll(&mut self) {
         self.reading = None;
+        self.polled = true;
     }
 
     /// The time since `start`, for a timed request: one clock reading per poll.
@@ -343,6 +349,17 @@ impl Tracker {
         }
     }
 
+    /// Reports the request as abandoned: its response future is being dropped, now.
+    ///
+    /// CORRECTNESS: a drop is not a poll. The clock reading kept from the last poll is
+    /// stale by however long the future then sat unpolled (a caller gone, a `select!`
+    /// whose other branch won), so the elapsed time is read afresh.
+    #[inline]
+    pub(crate) fn abandon(&mut self) {
+        self.reading = None;
+        self.finish(Served::Abandoned);
+    }
+
     /// Counts the request into `Stats`, inline, and hands an `Outcome` to the observers
     /// that want one, out of line.
     #[inline]
@@ -363,6 +380,9 @@ impl Tracker {
                 budget_refused: self.budget_refused,
                 fallback_first: self.fallback_first,
             });
+            if !self.polled {
+                stats.count_unpolled();
+            }
         }
         // Only the observers that want latencies get an `Outcome`; counting needs none.
         if self.timed.is_some() {
@@ -389,6 +409,7 @@ impl Tracker {
             fallback_latency: t.fallback_latency,
             elapsed,
             refill: self.refill,
+            polled: self.polled,
         };
         // The record is emptied before any user code runs — a subscriber's, a hook's —
         // so that a part pooled after a panic in it holds no handle on the layer and no
@@ -429,6 +450,7 @@ fn listening_span() -> Option<tracing::Span> {
         primary_latency_us = tracing::field::Empty,
         fallback_latency_us = tracing::field::Empty,
         refill = tracing::field::Empty,
+        polled = tracing::field::Empty,
     );
     // A callsite once enabled by any subscriber makes spans even where none listens;
     // those go to the no-op subscriber and are not worth tracking for.
@@ -454,7 +476,7 @@ impl Drop for Tracker {
     #[inline]
     fn drop(&mut self) {
         // Still unreported when dropped: the response future was abandoned.
-        self.finish(Served::Abandoned);
+        self.abandon();
     }
 }
 
