@@ -252,6 +252,7 @@
 pub mod accept;
 mod body;
 mod buffer;
+mod collect;
 mod eligible;
 pub mod future;
 pub mod grpc;
