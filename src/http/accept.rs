@@ -348,7 +348,10 @@ mod body {
     pub struct RejectBody(&'static [u8]);
 
     impl RejectBody {
-        /// Rejects an empty body.
+        /// Rejects an empty body. Answers that have no body by definition — to a `HEAD`
+        /// request, a `204`, a `304` — are empty too, and rejected: route `HEAD` around
+        /// the layer, or let a status predicate accept those statuses first
+        /// ([`Or`](crate::accept::Or)).
         pub const EMPTY: RejectBody = RejectBody(b"");
 
         /// Rejects a body of exactly these bytes.

@@ -81,6 +81,7 @@ fn asked(message: &[u8]) -> String {
 /// | `missing` | trailers `grpc-status: 5`, `grpc-message` — no message |
 /// | `hit` | a `SERVING` message, then trailers `grpc-status: 0`, `x-trailer: kept` |
 /// | `slow` | nothing until the test releases it, then as `hit` |
+/// | `stuck` | a `SERVING` message, then nothing until the test releases it, then the trailers of `hit` |
 struct AkkaServer {
     addr: SocketAddr,
     release: watch::Sender<bool>,
@@ -117,6 +118,10 @@ impl AkkaServer {
                                     ])));
                                 } else {
                                     let _ = tx.send(Frame::data(Bytes::from_static(SERVING)));
+                                    if asked == "stuck" {
+                                        let wait = released.wait_for(|r| *r);
+                                        let _ = tokio::time::timeout(HOLD_LIMIT, wait).await;
+                                    }
                                     let _ = tx.send(Frame::trailers(trailers(&[
                                         ("grpc-status", "0"),
                                         ("x-trailer", "kept"),
@@ -343,6 +348,39 @@ async fn a_tonic_client_is_served_by_the_fallback_when_the_primary_stalls_after_
         .unwrap();
     assert_eq!(served_by(&response), "fallback");
     assert_eq!(response.get_ref().status, ServingStatus::Serving as i32);
+
+    drop(akka);
+    fallback.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_answer_that_stalls_after_its_message_is_rejected_with_read_primary_body() {
+    let (akka, fallback) = servers().await;
+    let to_tonic = |req: http::Request<ReplayBody>| req.map(tonic::body::Body::new);
+    // The peek stops at the first message; a unary answer whose trailers then stall
+    // would be accepted, and the client would wait on them. Reading the whole answer
+    // (a small bound: real clock, real sockets) makes the stall a rejection.
+    let read = tower_backstop::http::read::ReadBodyLayer::new().max_wait(Duration::from_millis(50));
+    let stack = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new())
+        .layer(
+            FallbackLayer::new(channel(fallback.addr).await.map_request(to_tonic))
+                .accept(GrpcStatus::rejecting(&[GrpcCode::NotFound]))
+                .read_primary_body_with(read),
+        )
+        .map_request(to_tonic)
+        .service(channel(akka.addr).await);
+    let mut client = HealthClient::new(stack);
+
+    let response = tokio::time::timeout(OBSERVE_LIMIT, client.check(ask("stuck")))
+        .await
+        .expect("the client is answered, not left waiting on the primary's trailers")
+        .unwrap();
+    assert_eq!(served_by(&response), "fallback");
+    // A whole answer in time stands, its trailers with it.
+    let response = client.check(ask("hit")).await.unwrap();
+    assert_eq!(served_by(&response), "primary");
+    assert_eq!(response.metadata().get("x-trailer").unwrap(), "kept");
 
     drop(akka);
     fallback.stop().await;

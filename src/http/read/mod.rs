@@ -33,6 +33,14 @@
 //! [`PeekGrpcStatus`](crate::http::grpc::PeekGrpcStatus), is the same reader stopped
 //! at the first frame that carries something.
 //!
+//! The peek bounds a gRPC answer up to its first message; a unary answer whose
+//! trailers then stall is accepted, and its client waits on them. On a channel that
+//! carries unary calls only, `read_primary_body` (with
+//! [`GrpcStatus`](crate::http::accept::GrpcStatus)) bounds the whole answer instead,
+//! trailers included (it does not read the status in them: a status after a message is
+//! still not judged). Do not use it for streaming calls: a stream longer than the cap,
+//! or than `max_wait`, is rejected.
+//!
 //! The reader, its body and the builder calls need the `http` and `time` features (the
 //! time bound is on tokio's timer: a reader without one would wait on a stalled body
 //! for ever); [`IncompleteBody`] needs `http` alone, so that the predicates check for
