@@ -436,3 +436,37 @@ async fn dropping_the_future_while_reading_drops_the_response() {
         "the body went with the future"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn reading_combines_with_marking_in_either_order() {
+    use tower_backstop::{
+        http::{ServedBy, X_SERVED_BY},
+        FallbackLayer,
+    };
+    let primary = || answers(Response::new(Script::new([data("{\"par")]).stalling()));
+    let fallback = || {
+        service_fn(|()| async { Ok::<_, Infallible>(Response::new(Script::new([data("row")]))) })
+    };
+    let wait = ReadBodyLayer::new().max_wait(Duration::from_millis(20));
+
+    let read_first = FallbackLayer::new(fallback())
+        .read_primary_body_with(wait)
+        .accept(StatusIn::SUCCESS)
+        .mark_served_by(Some(X_SERVED_BY));
+    let response = read_first.layer(primary()).oneshot(()).await.unwrap();
+    assert_eq!(response.headers()[X_SERVED_BY], "fallback");
+    assert_eq!(
+        response.extensions().get::<ServedBy>(),
+        Some(&ServedBy::Fallback)
+    );
+
+    let mark_first = FallbackLayer::new(fallback())
+        .mark_served_by(Some(X_SERVED_BY))
+        .accept(StatusIn::SUCCESS)
+        .read_primary_body_with(wait);
+    let start = Instant::now();
+    let response = mark_first.layer(primary()).oneshot(()).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(20));
+    assert_eq!(response.headers()[X_SERVED_BY], "fallback");
+    assert_eq!(replay(response.into_body()).await.0, "row");
+}

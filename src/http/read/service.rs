@@ -259,7 +259,8 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     ///
     /// A body that stalls after its headers, runs over the cap or fails is then
     /// rejected by every predicate of [`http::accept`](crate::http::accept), and the
-    /// fallback serves; [`AcceptBody`](crate::http::accept::AcceptBody) and
+    /// fallback serves (not by the default [`AcceptOk`](crate::accept::AcceptOk), which
+    /// tells only `Ok` from `Err`: give the layer a predicate); [`AcceptBody`](crate::http::accept::AcceptBody) and
     /// [`RejectBody`](crate::http::accept::RejectBody) judge the body's bytes. It can
     /// be called before or after any other builder method, and combines with
     /// [`buffer_bodies`](FallbackLayer::buffer_bodies) and
