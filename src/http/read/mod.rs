@@ -53,6 +53,8 @@ mod body;
 #[cfg(feature = "time")]
 mod future;
 #[cfg(feature = "time")]
+pub(crate) mod predicate;
+#[cfg(feature = "time")]
 mod service;
 
 #[cfg(feature = "time")]
