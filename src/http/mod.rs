@@ -52,6 +52,10 @@
 //!   was read is replayed, then the rest, in a [`ReadAheadBody`](read::ReadAheadBody).
 //!   Memory follows the bytes received, never a claim, up to the cap.
 //!
+//! A stalled primary gives way after `max_wait`; with
+//! [`patience`](crate::FallbackLayer::patience)`(d)` as well, a fallback answer that is
+//! ready waits at most `d` for the primary's body.
+//!
 //! ```
 //! # #[cfg(feature = "time")]
 //! # #[tokio::main(flavor = "current_thread")]
