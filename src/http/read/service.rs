@@ -65,7 +65,9 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 /// [`AcceptOk`](crate::accept::AcceptOk), the layer's default predicate, judges only
 /// `Ok` against `Err` and would accept it: give the layer a predicate. A
 /// [`patience`](FallbackLayer::patience) bound counts the reading too: a successful
-/// fallback answer waits that long for the primary's body, not `max_wait`.
+/// fallback answer waits that long for the primary's body, not `max_wait`. So do the
+/// primary's latency in an [`Outcome`](crate::outcome::Outcome) and the estimate of
+/// `Launch::Adaptive`: they measure the primary's whole answer.
 ///
 /// Nothing is lost when a response stands: its body is a [`ReadAheadBody`] that yields
 /// what was read, then the rest of the original body (when the reading stopped
