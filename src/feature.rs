@@ -35,7 +35,7 @@ pub trait NeedsMetrics {}
 )]
 pub trait NeedsHttp {}
 
-/// Never implemented: bounds the stand-in of `peek_grpc_status`.
+/// Never implemented: bounds the stand-ins of `peek_grpc_status` and `read_primary_body`.
 #[diagnostic::on_unimplemented(
     message = "this method needs the `http` and `time` features of tower-backstop",
     label = "called without the `http` and `time` features",

@@ -342,6 +342,16 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     {
         self
     }
+
+    // Reading the primary's body is bounded on tokio's timer too.
+    #[cfg(not(all(feature = "http", feature = "time")))]
+    #[doc(hidden)]
+    pub fn read_primary_body(self) -> Self
+    where
+        F: crate::feature::NeedsHttpAndTime,
+    {
+        self
+    }
 }
 
 impl<P, F, A, S, O, I, R> Layer<P> for FallbackLayer<F, A, S, O, I, R>

@@ -105,7 +105,7 @@
 //! | `tracing` | no | a debug-level span per request carrying its outcome |
 //! | `metrics` | no | outcome counters and latency histograms through the `metrics` facade |
 //! | `quanta` | no | `outcome::LatencyClock::Tsc`: the latencies observers get read from the CPU's counter through [`quanta`](https://docs.rs/quanta), which takes about 40 % off what a hook adds to a request in the same build; unlike the default clock it does not follow tokio's paused clock |
-//! | `http` | no | the `http` module: request-body buffering so `http::Request`s can be cloned for the fallback, HTTP-status and gRPC-status predicates (axum, hyper, tonic), method predicates for `speculate_if` |
+//! | `http` | no | the `http` module: request-body buffering so `http::Request`s can be cloned for the fallback, HTTP-status and gRPC-status predicates (axum, hyper, tonic), method predicates for `speculate_if`; with `time`, `read_primary_body` (the primary's whole response body judged, a stalled one rejected) and the gRPC peek |
 //! | `axum` | no | `http`, and `http::Reroute`: an axum `Router` as the fallback behind `Router::layer` and `route_layer` (depends on axum without its default features) |
 //!
 //! Every item behind a feature says so in its own documentation.

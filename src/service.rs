@@ -164,6 +164,24 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
         }
     }
 
+    /// Rebuilds the service with its branches replaced by `f(primary, fallback)`;
+    /// the configuration is kept.
+    #[cfg(all(feature = "http", feature = "time"))]
+    pub(crate) fn map_branches<P2, F2>(
+        self,
+        f: impl FnOnce(P, F) -> (P2, F2),
+    ) -> Fallback<P2, F2, A, S, R> {
+        let (primary, fallback) = f(self.primary, self.fallback);
+        Fallback::from_parts(
+            primary,
+            fallback,
+            self.accept,
+            self.eligible,
+            self.refill,
+            self.settings,
+        )
+    }
+
     /// Replaces the predicate that decides whether the primary's result stands.
     ///
     /// A closure needs its argument's type written out, `|r: &Result<T, E>| ..`; see

@@ -1,5 +1,6 @@
 //! `BufferBody` allocates nothing for a bodiless request, nor for a body that arrives
-//! in one chunk (the chunk is shared, not copied).
+//! in one chunk (the chunk is shared, not copied); nor does `read_primary_body` for a
+//! response body that arrives in one chunk (with the `time` feature).
 //!
 //! A counting global allocator counts the allocations made by the current thread while
 //! a window is open. `BufferBody` around a `Fallback` of two services whose futures are
@@ -138,4 +139,62 @@ fn control_a_body_in_two_chunks_is_copied_into_one_buffer() {
     });
     assert_eq!(served, 128);
     assert!(count >= 1, "the counter sees the buffer being allocated");
+}
+
+/// `read_primary_body` on the same two services, answering with a body of up to two
+/// chunks: a hit read whole in one chunk allocates nothing (no copy, no extension, no
+/// timer: the body is ready at once).
+#[cfg(feature = "time")]
+mod read_primary_body {
+    use super::*;
+    use tower_backstop::http::{accept::StatusIn, read::ReadAheadBody};
+
+    type Answer = Ready<Result<Response<Chunks>, Infallible>>;
+
+    fn answer(chunks: [Option<Bytes>; 2]) -> Answer {
+        ready(Ok(Response::new(Chunks(chunks))))
+    }
+
+    fn read(
+        svc: &mut impl Service<(), Response = Response<ReadAheadBody<Chunks>>, Error = Infallible>,
+    ) -> usize {
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(svc.poll_ready(&mut cx).is_ready());
+        let Ok(response) = complete(svc.call(()));
+        response.body().whole().expect("read whole").len()
+    }
+
+    #[test]
+    fn a_hit_read_whole_in_one_chunk_allocates_nothing() {
+        let chunk = Bytes::from(vec![7u8; 512]);
+        let _promoted = chunk.clone();
+        let body = chunk.clone();
+        let primary = service_fn(move |()| answer([Some(body.clone()), None]));
+        let fallback = service_fn(|()| answer([None, None]));
+        let mut svc = Fallback::new(primary, fallback)
+            .accept(StatusIn::SUCCESS)
+            .read_primary_body();
+        let mut read_lengths = Vec::with_capacity(N);
+        let count = allocations_in(|| {
+            for _ in 0..N {
+                read_lengths.push(read(&mut svc));
+            }
+        });
+        assert_eq!(count, 0);
+        assert!(read_lengths.iter().all(|&len| len == 512));
+    }
+
+    #[test]
+    fn control_a_body_in_two_chunks_is_copied_into_one_buffer() {
+        let (a, b) = (Bytes::from(vec![1u8; 100]), Bytes::from(vec![2u8; 28]));
+        let primary = service_fn(move |()| answer([Some(a.clone()), Some(b.clone())]));
+        let fallback = service_fn(|()| answer([None, None]));
+        let mut svc = Fallback::new(primary, fallback)
+            .accept(StatusIn::SUCCESS)
+            .read_primary_body();
+        let mut len = 0;
+        let count = allocations_in(|| len = read(&mut svc));
+        assert_eq!(len, 128);
+        assert!(count >= 1, "the counter sees the buffer being allocated");
+    }
 }

@@ -1,7 +1,12 @@
 //! Accepting the primary's answer by its HTTP status or its gRPC status.
 //!
 //! These predicates judge an `Ok(http::Response<B>)` by its head; every `Err` is
-//! rejected, as with [`AcceptOk`](crate::accept::AcceptOk). They combine with
+//! rejected, as with [`AcceptOk`](crate::accept::AcceptOk), and so is every response
+//! whose body could not be read as far as wanted (marked
+//! [`IncompleteBody`] by
+//! [`read_primary_body`](crate::FallbackLayer::read_primary_body) or
+//! [`peek_grpc_status`](crate::FallbackLayer::peek_grpc_status)). [`AcceptBody`] and
+//! [`RejectBody`] judge the body that `read_primary_body` read whole. They combine with
 //! [`And`](crate::accept::And), [`Or`](crate::accept::Or) and
 //! [`Not`](crate::accept::Not) (or [`Accept::and`] and the like, when a closure in the
 //! combination fixes the types):
@@ -55,6 +60,11 @@
 //!   reads the primary's first body frame before the predicate is asked, so these
 //!   answers are judged like trailers-only ones, and replays the frame to the caller
 //!   when the answer stands (see [`PeekGrpcStatus`](super::grpc::PeekGrpcStatus)).
+//! - **Not at all within the peek's wait**: with `peek_grpc_status`, a primary that
+//!   sends `200` headers and then nothing for its `max_wait` (1 second by default) is
+//!   marked [`IncompleteBody`] and rejected, and the
+//!   fallback serves; without it, such an answer is accepted, and the client waits on
+//!   its body past every timeout that bounds the headers.
 //! - **In the trailers, after a message**: the answer is accepted as its headers (with
 //!   `peek_grpc_status`, its first message) arrive; a status that comes after a
 //!   message cannot be judged — serving the fallback then would mean holding back
@@ -69,12 +79,21 @@
 
 pub use super::grpc::GrpcCode;
 
+use super::read::IncompleteBody;
 use crate::accept::Accept;
 use http::{Response, StatusCode};
 use std::{fmt, ops::RangeInclusive};
 
-/// Accepts an `Ok` response whose status is in a range; rejects other statuses and
-/// every `Err`.
+/// An `Ok` response whose body was not marked as read only in part.
+fn complete<B, E>(result: &Result<Response<B>, E>) -> Option<&Response<B>> {
+    result
+        .as_ref()
+        .ok()
+        .filter(|response| !IncompleteBody::is_marked(response))
+}
+
+/// Accepts an `Ok` response whose status is in a range; rejects other statuses,
+/// every `Err` and every [`IncompleteBody`].
 ///
 /// ```
 /// use tower_backstop::http::accept::StatusIn;
@@ -115,12 +134,12 @@ impl StatusIn {
 
 impl<B, E> Accept<Response<B>, E> for StatusIn {
     fn accept(&self, result: &Result<Response<B>, E>) -> bool {
-        matches!(result, Ok(response) if self.contains(response.status()))
+        complete(result).is_some_and(|response| self.contains(response.status()))
     }
 }
 
 /// Accepts an `Ok` response unless its status is a server error (`5xx`); rejects
-/// every `Err`.
+/// every `Err` and every [`IncompleteBody`].
 ///
 /// The usual predicate for a replica or a cache: a `4xx` is the client's problem and
 /// would be the same from the fallback, a `5xx` is the primary's.
@@ -131,11 +150,12 @@ pub struct RejectServerErrors;
 
 impl<B, E> Accept<Response<B>, E> for RejectServerErrors {
     fn accept(&self, result: &Result<Response<B>, E>) -> bool {
-        matches!(result, Ok(response) if !response.status().is_server_error())
+        complete(result).is_some_and(|response| !response.status().is_server_error())
     }
 }
 
-/// Accepts an `Ok` response unless its status is this one; rejects every `Err`.
+/// Accepts an `Ok` response unless its status is this one; rejects every `Err` and
+/// every [`IncompleteBody`].
 ///
 /// `RejectStatus(StatusCode::NOT_FOUND)` treats a cache's `404` as a miss.
 ///
@@ -145,12 +165,13 @@ pub struct RejectStatus(pub StatusCode);
 
 impl<B, E> Accept<Response<B>, E> for RejectStatus {
     fn accept(&self, result: &Result<Response<B>, E>) -> bool {
-        matches!(result, Ok(response) if response.status() != self.0)
+        complete(result).is_some_and(|response| response.status() != self.0)
     }
 }
 
 /// Accepts a gRPC response unless the status in its headers is one of a set of codes;
-/// rejects every `Err`.
+/// rejects every `Err` and every [`IncompleteBody`] (a primary whose first frame did
+/// not come within the peek's wait, or failed).
 ///
 /// By default every code but `OK` is rejected. The status is read by
 /// [`GrpcCode::of_response`]; a response whose status is not known before its first
@@ -227,10 +248,9 @@ impl Default for GrpcStatus {
 
 impl<B, E> Accept<Response<B>, E> for GrpcStatus {
     fn accept(&self, result: &Result<Response<B>, E>) -> bool {
-        match result {
-            Ok(response) => GrpcCode::of_response(response).is_none_or(|code| !self.rejects(code)),
-            Err(_) => false,
-        }
+        complete(result).is_some_and(|response| {
+            GrpcCode::of_response(response).is_none_or(|code| !self.rejects(code))
+        })
     }
 }
 
@@ -242,6 +262,10 @@ impl fmt::Debug for GrpcStatus {
             .finish()
     }
 }
+
+#[cfg(feature = "time")]
+#[cfg_attr(docsrs, doc(cfg(feature = "time")))]
+pub use super::read::predicate::{AcceptBody, RejectBody};
 
 struct DebugSet<I>(I);
 

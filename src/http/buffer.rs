@@ -69,7 +69,11 @@ pub const DEFAULT_MAX_BYTES: usize = 64 * 1024;
 /// compared, with saturating arithmetic, never trusted to add up. The body is read
 /// 32 frames at most per poll: then the future wakes itself and returns `Pending`,
 /// so a body that is always ready (with empty frames, say) cannot hold the thread,
-/// and a timeout around the layer fires as it should.
+/// and a timeout around the layer fires as it should. A request body that stalls is
+/// the caller's own, and is waited for with no bound of its own: a timeout around
+/// the layer (tower-http's `TimeoutLayer`, or the server's) bounds it. (The primary's
+/// *response* body is bounded by
+/// [`read_primary_body`](crate::FallbackLayer::read_primary_body).)
 ///
 /// # Answers
 ///

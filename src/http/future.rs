@@ -4,9 +4,10 @@
 
 use super::{
     buffer::{Framing, Protocol, Rejection},
+    collect::{field_bytes, Data, FRAMES_PER_POLL},
     ReplayBody,
 };
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Buf;
 use http::{request::Parts, HeaderMap, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
@@ -62,15 +63,6 @@ pin_project! {
     }
 }
 
-/// Frames read in one `poll` at most: after that many, the future wakes itself and
-/// returns `Pending`, so that a body that is always ready (with empty frames, say)
-/// cannot hold the thread, and a timeout around the future can fire.
-const FRAMES_PER_POLL: usize = 32;
-
-/// What a field costs against the cap, on top of its name and value: the overhead
-/// HTTP/2 counts per field in a header list (RFC 9113 §6.5.2).
-const FIELD_OVERHEAD: usize = 32;
-
 /// What a request is made of while its body is read.
 struct Collected<S> {
     inner: S,
@@ -84,39 +76,11 @@ struct Collected<S> {
     protocol: Protocol,
 }
 
-/// The body read so far.
-enum Data {
-    Empty,
-    // A single chunk is kept as the body sent it: no copy.
-    One(Bytes),
-    // From the second chunk on, chunks are copied into one buffer.
-    Many(BytesMut),
-}
-
-impl Data {
-    fn len(&self) -> usize {
-        match self {
-            Data::Empty => 0,
-            Data::One(bytes) => bytes.len(),
-            Data::Many(buf) => buf.len(),
-        }
-    }
-}
-
-/// The size of a header list as HTTP/2 counts it: name, value and 32 bytes per field.
-fn field_bytes(fields: &HeaderMap) -> usize {
-    fields.iter().fold(0usize, |sum, (name, value)| {
-        sum.saturating_add(name.as_str().len())
-            .saturating_add(value.len())
-            .saturating_add(FIELD_OVERHEAD)
-    })
-}
-
 impl<S> Collected<S> {
     /// Appends a chunk, or refuses it if the body grows past its `Content-Length`
     /// or past the cap. `still_expected` is the body's own lower bound on what is
     /// left after this chunk: a claim, trusted only as far as the bytes received.
-    fn push(&mut self, mut chunk: impl Buf, still_expected: u64) -> Result<(), Rejection> {
+    fn push(&mut self, chunk: impl Buf, still_expected: u64) -> Result<(), Rejection> {
         let len = chunk.remaining();
         // Saturating: lengths come from the body, and the sums are only compared.
         let total = self.data.len().saturating_add(len);
@@ -130,35 +94,7 @@ impl<S> Collected<S> {
         if total.saturating_add(self.trailer_bytes) > self.max_bytes {
             return Err(Rejection::TooLarge);
         }
-        if len == 0 {
-            return Ok(());
-        }
-        self.data = match std::mem::replace(&mut self.data, Data::Empty) {
-            // `copy_to_bytes` on `Bytes` (what hyper and axum bodies yield) is a
-            // reference-count bump, not a copy.
-            Data::Empty => Data::One(chunk.copy_to_bytes(len)),
-            Data::One(first) => {
-                // Room for what the body says is left, but never more than twice
-                // what has arrived (nor more than the cap): a body claiming a TiB
-                // and sending two bytes gets a buffer of four.
-                let claimed = usize::try_from(still_expected)
-                    .unwrap_or(usize::MAX)
-                    .saturating_add(total);
-                let capacity = claimed
-                    .min(total.saturating_mul(2))
-                    .min(self.max_bytes)
-                    .max(total);
-                let mut buf = BytesMut::with_capacity(capacity);
-                buf.put(first);
-                buf.put(chunk);
-                Data::Many(buf)
-            }
-            Data::Many(mut buf) => {
-                // Grows by doubling, from bytes received.
-                buf.put(chunk);
-                Data::Many(buf)
-            }
-        };
+        self.data.push(chunk, still_expected, self.max_bytes);
         Ok(())
     }
 
@@ -183,12 +119,7 @@ impl<S> Collected<S> {
     }
 
     fn into_request(self) -> (S, Request<ReplayBody>) {
-        let data = match self.data {
-            Data::Empty => Bytes::new(),
-            Data::One(bytes) => bytes,
-            Data::Many(buf) => buf.freeze(),
-        };
-        let body = ReplayBody::with_trailers(data, self.trailers);
+        let body = ReplayBody::with_trailers(self.data.freeze(), self.trailers);
         (self.inner, Request::from_parts(self.parts, body))
     }
 }

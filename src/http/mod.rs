@@ -30,6 +30,61 @@
 //! gRPC status ([`GrpcStatus`](accept::GrpcStatus)); the [`grpc`] module reads gRPC
 //! statuses, in the trailers too.
 //!
+//! # The primary's whole answer
+//!
+//! A predicate judges the primary's answer when its future resolves, and an HTTP
+//! client's future resolves with the headers. A primary that sends `200` headers and
+//! then stalls its body is accepted and served, and the caller waits on the body until
+//! its own timeout, while the fallback had a complete answer milliseconds in; a timeout
+//! on the primary bounds the headers, not the body.
+//! [`read_primary_body`](crate::FallbackLayer::read_primary_body) (features `http` and
+//! `time`) reads the primary's body first, whole, up to a byte cap within a time bound
+//! (defaults [`read::DEFAULT_MAX_BYTES`], 1 MiB, and [`read::DEFAULT_MAX_WAIT`],
+//! 1 second; see their docs for why):
+//!
+//! - a body that stalls, runs over the cap (or says it will, in its `Content-Length`)
+//!   or fails is marked [`IncompleteBody`](read::IncompleteBody), which every predicate
+//!   of [`accept`] rejects: under [`Launch::Concurrent`](crate::launch::Launch) the
+//!   fallback, running all along, serves at once;
+//! - a body read whole can be judged by its bytes, with
+//!   [`RejectBody`](accept::RejectBody) or [`AcceptBody`](accept::AcceptBody);
+//! - an answer that stands reaches the caller byte for byte, trailers included: what
+//!   was read is replayed, then the rest, in a [`ReadAheadBody`](read::ReadAheadBody).
+//!   Memory follows the bytes received, never a claim, up to the cap.
+//!
+//! A stalled primary gives way after `max_wait`; with
+//! [`patience`](crate::FallbackLayer::patience)`(d)` as well, a fallback answer that is
+//! ready waits at most `d` for the primary's body.
+//!
+//! ```
+//! # #[cfg(feature = "time")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use axum::{body::Body, http::Request, routing::get, Router};
+//! use tower::ServiceExt;
+//! use tower_backstop::{accept::And, http::accept::{RejectBody, StatusIn}, FallbackLayer};
+//!
+//! let database = get(|| async { "row 7" });
+//! // The cache answers `200` with an empty body on a miss.
+//! let app = Router::new().route("/user/7", get(|| async {})).layer(
+//!     FallbackLayer::new(database)
+//!         .accept(And::new(StatusIn::SUCCESS, RejectBody::EMPTY))
+//!         .read_primary_body()
+//!         .buffer_bodies(),
+//! );
+//! let response = app.oneshot(Request::get("/user/7").body(Body::empty()).unwrap()).await.unwrap();
+//! let body = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+//! assert_eq!(body, "row 7");
+//! # }
+//! # #[cfg(not(feature = "time"))]
+//! # fn main() {}
+//! ```
+//!
+//! The gRPC peek ([`peek_grpc_status`](crate::FallbackLayer::peek_grpc_status)) is the
+//! same reader, stopped at the first frame that carries something; a primary that
+//! sends `200` headers and then nothing within its wait is rejected the same way. See
+//! the [`read`] module.
+//!
 //! # axum
 //!
 //! `Router::layer` and `Router::route_layer` take the layer with one more builder
@@ -187,7 +242,9 @@
 //! [`GrpcStatus`](accept::GrpcStatus) judges the primary's answer, and
 //! [`peek_grpc_status`](crate::FallbackLayer::peek_grpc_status) lets it judge answers
 //! whose status comes in the trailers with no message before it (akka-grpc's and
-//! grpcio's errors), by reading the primary's first body frame (see [`grpc`]):
+//! grpcio's errors), by reading the primary's first body frame (see [`grpc`]); a
+//! primary that sends `200` headers and then nothing for its wait (1 second) is a
+//! rejection, so the client is not left waiting on its body:
 //!
 //! ```no_run
 //! # // `peek_grpc_status` also needs the `time` feature.
@@ -236,7 +293,9 @@
 //! Where a timeout or a retry goes decides what it bounds and what it costs:
 //!
 //! - **A timeout on the primary alone** turns a slow primary into a rejection, served
-//!   by the fallback, which has been running all along. With tower-http's
+//!   by the fallback, which has been running all along — a slow *head*: it stops
+//!   bounding the primary once the headers arrive. For the body, add
+//!   [`read_primary_body`](crate::FallbackLayer::read_primary_body) (above). With tower-http's
 //!   `TimeoutLayer`, the primary answers `408` (or the status you choose) and the
 //!   error type stays put; reject that status in the predicate
 //!   ([`StatusIn::SUCCESS`](accept::StatusIn::SUCCESS) does). With tower's `Timeout`
@@ -252,10 +311,12 @@
 pub mod accept;
 mod body;
 mod buffer;
+mod collect;
 mod eligible;
 pub mod future;
 pub mod grpc;
 mod mark;
+pub mod read;
 #[cfg(feature = "axum")]
 mod reroute;
 

@@ -19,11 +19,11 @@ use std::{
 use tokio::{sync::mpsc, time::Instant};
 use tower::{service_fn, Layer, ServiceExt};
 use tower_backstop::{
+    accept::Accept,
     http::{
         accept::GrpcStatus,
-        grpc::{
-            GrpcCode, PeekBody, PeekGrpcStatus, PeekGrpcStatusLayer, PeekedStatus, DEFAULT_MAX_WAIT,
-        },
+        grpc::{GrpcCode, PeekGrpcStatus, PeekGrpcStatusLayer, PeekedStatus, DEFAULT_MAX_WAIT},
+        read::{IncompleteBody, ReadAheadBody},
     },
     FallbackLayer,
 };
@@ -91,7 +91,7 @@ fn trailers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
 }
 
 /// Runs `response` through `PeekGrpcStatus` (as configured by `layer`).
-async fn peek(layer: PeekGrpcStatusLayer, response: Response<Fed>) -> Response<PeekBody<Fed>> {
+async fn peek(layer: PeekGrpcStatusLayer, response: Response<Fed>) -> Response<ReadAheadBody<Fed>> {
     let mut response = Some(response);
     let server = service_fn(move |()| {
         let response = response.take().unwrap();
@@ -102,6 +102,10 @@ async fn peek(layer: PeekGrpcStatusLayer, response: Response<Fed>) -> Response<P
 
 fn peeked<B>(response: &Response<B>) -> Option<GrpcCode> {
     response.extensions().get::<PeekedStatus>().map(|s| s.0)
+}
+
+fn incomplete<B>(response: &Response<B>) -> Option<IncompleteBody> {
+    response.extensions().get::<IncompleteBody>().copied()
 }
 
 #[tokio::test(start_paused = true)]
@@ -180,6 +184,7 @@ async fn an_error_before_any_frame_is_unknown_and_replayed() {
     feed.send(Err("stream reset"));
     let response = peek(PeekGrpcStatusLayer::new(), response).await;
     assert_eq!(peeked(&response), Some(GrpcCode::Unknown));
+    assert_eq!(incomplete(&response), Some(IncompleteBody::Failed));
     let error = response.into_body().frame().await.unwrap().unwrap_err();
     assert_eq!(error, "stream reset");
 }
@@ -204,7 +209,7 @@ async fn pass_through_never_reads_ahead() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_body_that_never_yields_is_handed_on_after_max_wait_and_not_lost() {
+async fn a_body_that_never_yields_is_marked_timed_out_after_max_wait_and_not_lost() {
     let (response, feed) = fed(&[]);
     let start = Instant::now();
     let response = tokio::time::timeout(
@@ -216,6 +221,11 @@ async fn a_body_that_never_yields_is_handed_on_after_max_wait_and_not_lost() {
     assert_eq!(start.elapsed(), DEFAULT_MAX_WAIT);
     assert_eq!(DEFAULT_MAX_WAIT, Duration::from_secs(1));
     assert_eq!(peeked(&response), None, "status unknown");
+    // Marked, so that a predicate can tell "nothing came in time" from "a message came".
+    assert_eq!(incomplete(&response), Some(IncompleteBody::TimedOut));
+    let result = Ok::<_, Infallible>(response);
+    assert!(!GrpcStatus::new().accept(&result), "rejected");
+    let Ok(response) = result;
 
     // What the server sends later reaches the caller, all of it.
     feed.send(Ok(Frame::data(Bytes::from_static(b"late"))));
@@ -381,8 +391,8 @@ async fn peek_combines_with_marking_in_either_order_and_takes_its_own_wait() {
     let response = mark_first.layer(primary()).oneshot(()).await.unwrap();
     assert_eq!(response.headers()[X_SERVED_BY], "fallback");
 
-    // The custom wait applies: a primary whose first frame never comes is handed on,
-    // unjudged and accepted, after 20 ms rather than the default second.
+    // The custom wait applies: a primary whose first frame never comes is rejected
+    // after 20 ms rather than the default second, and the fallback serves.
     let silent = service_fn(|()| async {
         let (response, feed) = fed(&[("content-type", "application/grpc")]);
         std::mem::forget(feed);
@@ -395,5 +405,5 @@ async fn peek_combines_with_marking_in_either_order_and_takes_its_own_wait() {
     let start = Instant::now();
     let response = layer.layer(silent).oneshot(()).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(20));
-    assert_eq!(response.headers()[X_SERVED_BY], "primary");
+    assert_eq!(response.headers()[X_SERVED_BY], "fallback");
 }

@@ -81,6 +81,7 @@ fn asked(message: &[u8]) -> String {
 /// | `missing` | trailers `grpc-status: 5`, `grpc-message` — no message |
 /// | `hit` | a `SERVING` message, then trailers `grpc-status: 0`, `x-trailer: kept` |
 /// | `slow` | nothing until the test releases it, then as `hit` |
+/// | `stuck` | a `SERVING` message, then nothing until the test releases it, then the trailers of `hit` |
 struct AkkaServer {
     addr: SocketAddr,
     release: watch::Sender<bool>,
@@ -117,6 +118,10 @@ impl AkkaServer {
                                     ])));
                                 } else {
                                     let _ = tx.send(Frame::data(Bytes::from_static(SERVING)));
+                                    if asked == "stuck" {
+                                        let wait = released.wait_for(|r| *r);
+                                        let _ = tokio::time::timeout(HOLD_LIMIT, wait).await;
+                                    }
                                     let _ = tx.send(Frame::trailers(trailers(&[
                                         ("grpc-status", "0"),
                                         ("x-trailer", "kept"),
@@ -192,7 +197,7 @@ fn stack(
     peek: PeekGrpcStatusLayer,
 ) -> impl tower::Service<
     http::Request<ReplayBody>,
-    Response = http::Response<tower_backstop::http::grpc::PeekBody<tonic::body::Body>>,
+    Response = http::Response<tower_backstop::http::read::ReadAheadBody<tonic::body::Body>>,
     Error = tonic::transport::Error,
     Future = impl Send,
 > + Clone
@@ -214,11 +219,18 @@ async fn servers() -> (AkkaServer, Server) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_not_found_sent_in_the_trailers_is_served_by_the_fallback() {
-    let (akka, fallback) = servers().await;
+/// A tonic client on the stack as the docs build it: one builder call.
+async fn client_as_the_docs_build_it(
+    akka: &AkkaServer,
+    fallback: &Server,
+) -> HealthClient<
+    impl tonic::client::GrpcService<
+        tonic::body::Body,
+        Error = tonic::transport::Error,
+        ResponseBody = tower_backstop::http::read::ReadAheadBody<tonic::body::Body>,
+    >,
+> {
     let to_tonic = |req: http::Request<ReplayBody>| req.map(tonic::body::Body::new);
-    // The stack as the docs build it: one builder call.
     let stack = ServiceBuilder::new()
         .layer(BufferBodyLayer::new())
         .layer(
@@ -228,7 +240,13 @@ async fn a_not_found_sent_in_the_trailers_is_served_by_the_fallback() {
         )
         .map_request(to_tonic)
         .service(channel(akka.addr).await);
-    let mut client = HealthClient::new(stack);
+    HealthClient::new(stack)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_not_found_sent_in_the_trailers_is_served_by_the_fallback() {
+    let (akka, fallback) = servers().await;
+    let mut client = client_as_the_docs_build_it(&akka, &fallback).await;
 
     let response = client.check(ask("missing")).await.unwrap();
     assert_eq!(served_by(&response), "fallback");
@@ -292,7 +310,7 @@ fn grpc_request(service: &'static str) -> http::Request<ReplayBody> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_first_frame_that_never_comes_is_waited_for_no_longer_than_max_wait() {
+async fn a_primary_that_sends_headers_and_then_nothing_is_rejected_after_max_wait() {
     let (akka, fallback) = servers().await;
     // A small bound: this test runs on the real clock, against real sockets.
     let peek = PeekGrpcStatusLayer::new().max_wait(Duration::from_millis(50));
@@ -300,12 +318,12 @@ async fn a_first_frame_that_never_comes_is_waited_for_no_longer_than_max_wait() 
 
     let response = tokio::time::timeout(OBSERVE_LIMIT, svc.oneshot(grpc_request("slow")))
         .await
-        .expect("handed on within the bound, before the server sends anything")
+        .expect("answered within the bound, before the primary sends anything")
         .unwrap();
-    // Nothing was known, so the primary's answer stands — and none of it is lost.
-    assert_eq!(response.headers()["x-served-by"], "primary");
+    // Nothing came in time: a rejection, whatever the status would have been. Before,
+    // the primary's answer stood, unjudged, and its caller waited on the body.
+    assert_eq!(response.headers()["x-served-by"], "fallback");
     assert_eq!(response.extensions().get::<PeekedStatus>(), None);
-    akka.release.send_replace(true);
     let collected = tokio::time::timeout(OBSERVE_LIMIT, response.into_body().collect())
         .await
         .unwrap()
@@ -313,5 +331,57 @@ async fn a_first_frame_that_never_comes_is_waited_for_no_longer_than_max_wait() 
     assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
     assert_eq!(collected.to_bytes(), SERVING);
 
+    fallback.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tonic_client_is_served_by_the_fallback_when_the_primary_stalls_after_its_headers() {
+    let (akka, fallback) = servers().await;
+    // With the default wait (1 s).
+    let mut client = client_as_the_docs_build_it(&akka, &fallback).await;
+
+    // The primary sends `200` headers, then nothing until the test ends. Before, it
+    // was accepted after the wait and the client hung on the body.
+    let response = tokio::time::timeout(OBSERVE_LIMIT, client.check(ask("slow")))
+        .await
+        .expect("the client is answered, not left waiting on the primary's body")
+        .unwrap();
+    assert_eq!(served_by(&response), "fallback");
+    assert_eq!(response.get_ref().status, ServingStatus::Serving as i32);
+
+    drop(akka);
+    fallback.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_answer_that_stalls_after_its_message_is_rejected_with_read_primary_body() {
+    let (akka, fallback) = servers().await;
+    let to_tonic = |req: http::Request<ReplayBody>| req.map(tonic::body::Body::new);
+    // The peek stops at the first message; a unary answer whose trailers then stall
+    // would be accepted, and the client would wait on them. Reading the whole answer
+    // (a small bound: real clock, real sockets) makes the stall a rejection.
+    let read = tower_backstop::http::read::ReadBodyLayer::new().max_wait(Duration::from_millis(50));
+    let stack = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new())
+        .layer(
+            FallbackLayer::new(channel(fallback.addr).await.map_request(to_tonic))
+                .accept(GrpcStatus::rejecting(&[GrpcCode::NotFound]))
+                .read_primary_body_with(read),
+        )
+        .map_request(to_tonic)
+        .service(channel(akka.addr).await);
+    let mut client = HealthClient::new(stack);
+
+    let response = tokio::time::timeout(OBSERVE_LIMIT, client.check(ask("stuck")))
+        .await
+        .expect("the client is answered, not left waiting on the primary's trailers")
+        .unwrap();
+    assert_eq!(served_by(&response), "fallback");
+    // A whole answer in time stands, its trailers with it.
+    let response = client.check(ask("hit")).await.unwrap();
+    assert_eq!(served_by(&response), "primary");
+    assert_eq!(response.metadata().get("x-trailer").unwrap(), "kept");
+
+    drop(akka);
     fallback.stop().await;
 }

@@ -21,6 +21,11 @@ mod grpc_trailers;
 mod hostile_body;
 mod hyper_client;
 mod mark;
+// Reading the primary's body is bounded on tokio's timer (feature `time`).
+#[cfg(feature = "time")]
+mod read_body;
+#[cfg(feature = "time")]
+mod read_hostile;
 mod stacking;
 mod support;
 mod tonic_client;

@@ -238,7 +238,7 @@ async fn an_unreachable_primary_is_served_by_the_fallback() {
 }
 
 /// [`client_with`]'s stack with `peek_grpc_status` (features `http` and `time`): the
-/// body type is `PeekBody`.
+/// body type is `ReadAheadBody`.
 #[cfg(feature = "time")]
 async fn peeking_client(
     primary: Channel,
@@ -248,7 +248,7 @@ async fn peeking_client(
     impl tonic::client::GrpcService<
             tonic::body::Body,
             Error = tonic::transport::Error,
-            ResponseBody = tower_backstop::http::grpc::PeekBody<tonic::body::Body>,
+            ResponseBody = tower_backstop::http::read::ReadAheadBody<tonic::body::Body>,
             Future = impl Send,
         > + Clone
         + Send,

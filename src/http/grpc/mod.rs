@@ -15,26 +15,22 @@
 //! known once the body's first frame has arrived; [`PeekGrpcStatus`] waits for that
 //! frame inside the response future and, when it is the trailers, records their status
 //! on the response as a [`PeekedStatus`] extension, which `of_response` (and so
-//! [`GrpcStatus`](super::accept::GrpcStatus)) reads too. The frame it read is replayed
-//! to the caller by [`PeekBody`]: an answer that stands reaches the caller unchanged.
+//! [`GrpcStatus`](super::accept::GrpcStatus)) reads too; an answer that sends nothing
+//! within the wait is marked [`IncompleteBody`](super::read::IncompleteBody), and
+//! rejected. The frame it read is replayed to the caller by a
+//! [`ReadAheadBody`](super::read::ReadAheadBody): an answer that stands reaches the
+//! caller unchanged. The peek is the reader of [`super::read`], stopped at the first
+//! frame that carries something.
 //!
 //! Every `grpc-status` value — in headers or trailers — is parsed by
 //! [`GrpcCode::from_bytes`], exactly as tonic parses it.
 
 #[cfg(feature = "time")]
-mod body;
-#[cfg(feature = "time")]
-mod future;
-#[cfg(feature = "time")]
 mod peek;
 
 #[cfg(feature = "time")]
 #[cfg_attr(docsrs, doc(cfg(feature = "time")))]
-pub use self::{
-    body::PeekBody,
-    future::PeekFuture,
-    peek::{PeekGrpcStatus, PeekGrpcStatusLayer, DEFAULT_MAX_WAIT},
-};
+pub use self::peek::{PeekGrpcStatus, PeekGrpcStatusLayer, DEFAULT_MAX_WAIT};
 
 use http::{HeaderMap, HeaderName, Response};
 
@@ -161,7 +157,8 @@ impl GrpcCode {
 /// - The body ended without a frame: `Unknown`, as tonic reads it.
 /// - The body failed before its first frame: `Unknown`. (tonic may give such an error
 ///   another code — `UNAVAILABLE` for a refused stream, for one; the error itself is
-///   replayed to the caller.)
+///   replayed to the caller.) The answer is also marked
+///   [`IncompleteBody::Failed`](super::read::IncompleteBody::Failed).
 ///
 /// [`GrpcCode::of_response`] reads it when the headers carry no `grpc-status`. Insert
 /// one yourself to have [`GrpcStatus`](super::accept::GrpcStatus) judge a status you

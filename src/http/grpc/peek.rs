@@ -1,8 +1,10 @@
 //! The middleware that reads the first frame of a gRPC answer whose status is not in
 //! its head.
 
-use super::{future::PeekFuture, PeekBody};
-use crate::FallbackLayer;
+use crate::{
+    http::read::{ReadAheadBody, ReadFuture, Reader, Until},
+    FallbackLayer,
+};
 use http::Response;
 use http_body::Body;
 use std::{
@@ -16,8 +18,9 @@ use tower_service::Service;
 ///
 /// Servers that answer with no message send their trailers right behind the headers,
 /// usually in the same packet; a second covers a lost packet and its retransmission
-/// (Linux's shortest retransmission timeout is 200 ms). A server-streaming call whose
-/// first message takes longer reaches the caller this much later, its status unjudged.
+/// (Linux's shortest retransmission timeout is 200 ms). An answer that sends nothing
+/// for longer has stalled, and is rejected; so is a server-streaming call whose first
+/// message takes longer.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// Judges gRPC answers whose status comes in the trailers with no message before it,
@@ -36,20 +39,28 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 ///     [`PeekedStatus`](super::PeekedStatus) extension, which the predicate reads.
 ///   - **a data frame**: a message came, the status will follow it. The response is
 ///     handed on at once, with no extension.
-///   - **the end of the body**, or **an error**: recorded as `Unknown` (see
+///   - **the end of the body**: recorded as `Unknown` (see
 ///     [`PeekedStatus`](super::PeekedStatus)).
+///   - **an error**: recorded as `Unknown`, and marked
+///     [`IncompleteBody::Failed`](crate::http::read::IncompleteBody::Failed).
 ///   - **nothing within `max_wait`** (default [`DEFAULT_MAX_WAIT`], 1 second, on
-///     tokio's timer): the response is handed on as it is, its status unknown, as if
-///     this layer were not there. A stream that is slow to send its first message is
-///     delayed by this much, never lost.
+///     tokio's timer): marked
+///     [`IncompleteBody::TimedOut`](crate::http::read::IncompleteBody::TimedOut), which
+///     [`GrpcStatus`](crate::http::accept::GrpcStatus) rejects: a primary that sends
+///     `200` headers and then nothing is a rejection, and the fallback serves. (A
+///     predicate could not tell "a message came" from "nothing came in time"
+///     otherwise, and the caller would wait on the body past every timeout that
+///     bounds the headers.)
 ///
 /// Empty data frames carry no message and are skipped (a body made only of them runs
-/// into `max_wait`). In every case the response's body is a [`PeekBody`] that yields
-/// the frame read ahead first and then the rest of the original body: the caller
-/// receives what the server sent, less any empty data frames skipped before the first
-/// frame that carries something. At most one frame is held, as the body
-/// yielded it (not copied); the extension is the only allocation, for answers with
-/// no message.
+/// into `max_wait`). In every case the response's body is a
+/// [`ReadAheadBody`](crate::http::read::ReadAheadBody) that yields the frame read
+/// ahead first and then the rest of the original body: the caller receives what the
+/// server sent, less any empty data frames skipped before the first frame that
+/// carries something. At most one frame is held, as the body yielded it (not copied);
+/// the extensions are the only allocation, for answers with no message (or none in
+/// time). This is the
+/// reader of [`ReadBody`](crate::http::read::ReadBody), stopped at the first frame.
 ///
 /// Errors from the inner service pass through. The body must be `Unpin` (hyper's,
 /// tonic's and axum's bodies are): it is moved into the response after it was read.
@@ -84,8 +95,7 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug)]
 pub struct PeekGrpcStatus<S> {
     inner: S,
-    peek: bool,
-    max_wait: Duration,
+    reader: Reader,
 }
 
 impl<S> PeekGrpcStatus<S> {
@@ -94,26 +104,25 @@ impl<S> PeekGrpcStatus<S> {
     pub const fn new(inner: S) -> Self {
         PeekGrpcStatus {
             inner,
-            peek: true,
-            max_wait: DEFAULT_MAX_WAIT,
+            reader: PeekGrpcStatusLayer::new().reader,
         }
     }
 
-    /// Wraps `inner`'s response bodies in [`PeekBody`] without reading anything ahead:
+    /// Wraps `inner`'s response bodies in [`ReadAheadBody`] without reading anything ahead:
     /// for the fallback branch, whose body type must match the primary's. Its answers
     /// are handed on the moment they arrive.
     pub const fn pass_through(inner: S) -> Self {
         PeekGrpcStatus {
             inner,
-            peek: false,
-            max_wait: DEFAULT_MAX_WAIT,
+            reader: PeekGrpcStatusLayer::pass_through().reader,
         }
     }
 
     /// Sets how long to wait for the first body frame before handing the response on
-    /// with its status unknown. Default: [`DEFAULT_MAX_WAIT`] (1 second).
+    /// marked [`IncompleteBody::TimedOut`](crate::http::read::IncompleteBody::TimedOut).
+    /// Default: [`DEFAULT_MAX_WAIT`] (1 second).
     pub const fn max_wait(mut self, max_wait: Duration) -> Self {
-        self.max_wait = max_wait;
+        self.reader.max_wait = max_wait;
         self
     }
 
@@ -138,47 +147,50 @@ where
     S: Service<Req, Response = Response<B>>,
     B: Body + Unpin,
 {
-    type Response = Response<PeekBody<B>>;
+    type Response = Response<ReadAheadBody<B>>;
     type Error = S::Error;
-    type Future = PeekFuture<S::Future, B>;
+    type Future = ReadFuture<S::Future, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        PeekFuture::new(self.inner.call(req), self.peek, self.max_wait)
+        ReadFuture::new(self.inner.call(req), self.reader)
     }
 }
 
 /// A [`Layer`] that wraps services in [`PeekGrpcStatus`].
 #[derive(Clone, Copy, Debug)]
 pub struct PeekGrpcStatusLayer {
-    peek: bool,
-    max_wait: Duration,
+    reader: Reader,
 }
 
 impl PeekGrpcStatusLayer {
     /// Reads ahead, as [`PeekGrpcStatus::new`]: for the primary.
     pub const fn new() -> Self {
         PeekGrpcStatusLayer {
-            peek: true,
-            max_wait: DEFAULT_MAX_WAIT,
+            reader: Reader {
+                until: Until::FirstMessage,
+                max_wait: DEFAULT_MAX_WAIT,
+            },
         }
     }
 
     /// Only wraps bodies, as [`PeekGrpcStatus::pass_through`]: for the fallback.
     pub const fn pass_through() -> Self {
         PeekGrpcStatusLayer {
-            peek: false,
-            max_wait: DEFAULT_MAX_WAIT,
+            reader: Reader {
+                until: Until::Nothing,
+                max_wait: DEFAULT_MAX_WAIT,
+            },
         }
     }
 
     /// Sets how long to wait for the first body frame. Default: [`DEFAULT_MAX_WAIT`]
     /// (1 second). See [`PeekGrpcStatus::max_wait`].
     pub const fn max_wait(mut self, max_wait: Duration) -> Self {
-        self.max_wait = max_wait;
+        self.reader.max_wait = max_wait;
         self
     }
 }
@@ -195,8 +207,7 @@ impl<S> Layer<S> for PeekGrpcStatusLayer {
     fn layer(&self, inner: S) -> Self::Service {
         PeekGrpcStatus {
             inner,
-            peek: self.peek,
-            max_wait: self.max_wait,
+            reader: self.reader,
         }
     }
 }
@@ -205,7 +216,7 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     /// Judges gRPC answers whose status comes in their trailers with no message before
     /// it (akka-grpc, Python's grpcio): wraps the primary in [`PeekGrpcStatus`] inside
     /// this layer, and the fallback in [`PeekGrpcStatus::pass_through`], so that both
-    /// answer `Response<PeekBody<B>>`. The wait for the first frame is
+    /// answer `Response<`[`ReadAheadBody`]`<B>>`. The wait for the first frame is
     /// [`DEFAULT_MAX_WAIT`] (1 second); for another, use
     /// [`peek_grpc_status_with`](FallbackLayer::peek_grpc_status_with).
     ///
@@ -214,7 +225,8 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     /// [`mark_served_by`](FallbackLayer::mark_served_by). With
     /// [`GrpcStatus`](crate::http::accept::GrpcStatus) as the predicate, a `NOT_FOUND`
     /// sent as `200` headers and then trailers is rejected like one sent in the
-    /// headers. On a tonic `Channel` pair:
+    /// headers, and a primary that sends `200` headers and then nothing for
+    /// `max_wait` is rejected too. On a tonic `Channel` pair:
     ///
     /// ```no_run
     /// use tonic::{body::Body, transport::Channel};
@@ -263,10 +275,7 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
         self,
         peek: PeekGrpcStatusLayer,
     ) -> FallbackLayer<PeekGrpcStatus<F>, A, S, O, Stack<PeekGrpcStatusLayer, I>, R> {
-        let pass_through = PeekGrpcStatusLayer {
-            peek: false,
-            ..peek
-        };
+        let pass_through = PeekGrpcStatusLayer::pass_through();
         self.with_parts(|fallback, a, s, o, i| {
             (pass_through.layer(fallback), a, s, o, Stack::new(peek, i))
         })
