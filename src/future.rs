@@ -294,11 +294,12 @@ where
                     }
                 }
             }
-            // A refused withdrawal turns the plan into `OnReject`: the primary's answer,
-            // which wakes this task, launches the fallback if it is rejected.
+            // A refused withdrawal (the budget's, or the limit's) turns the plan into
+            // `OnReject`: the primary's answer, which wakes this task, launches the
+            // fallback if it is rejected.
             if let Some(cold) = this.cold.get() {
-                if !cold.withdraw() {
-                    this.control.plan = Plan::OnReject(Launched::BudgetRefused);
+                if let Some(refused) = cold.withdraw() {
+                    this.control.plan = Plan::OnReject(refused);
                     return Poll::Pending;
                 }
             }

@@ -22,6 +22,10 @@
 //! starts its fallback; sub-millisecond delays are not honoured as such.
 //!
 //! A *speculative* launch is one that starts before the primary has been rejected.
+//! [`Fallback::max_speculative`](crate::Fallback::max_speculative) caps how many such
+//! calls are in flight at once (beyond it a request is served sequentially), so that
+//! calls started for what turn out to be hits cannot hold the pooled connections and
+//! server time the misses need.
 //! With a budget set (`Fallback::budget`, feature `budget`), every request deposits
 //! into it (at its response future's first poll: one dropped unpolled never ran, and
 //! deposits nothing) and every speculative launch withdraws from it; a refused withdrawal
@@ -136,6 +140,51 @@ impl<Req> Eligible<Req> for AnyRequest {
 #[cfg(feature = "budget")]
 pub(crate) type SharedBudget = Arc<dyn tower::retry::budget::Budget + Send + Sync>;
 
+/// The cap of [`Fallback::max_speculative`](crate::Fallback::max_speculative):
+/// speculative fallback calls in flight, shared by every service one layer builds.
+///
+/// A slot is taken at a speculative launch and given back as soon as the call is no
+/// longer speculative or no longer running: when the primary answers (accepted, the
+/// call is dropped; rejected, it is a miss's call, needed), when the fallback answers
+/// first, or when the response future is dropped. A request that finds every slot
+/// taken is served sequentially, as a budget refusal does.
+#[derive(Clone, Debug)]
+pub(crate) struct SpeculationLimit(Arc<LimitInner>);
+
+#[derive(Debug)]
+struct LimitInner {
+    max: usize,
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl SpeculationLimit {
+    fn new(max: usize) -> Self {
+        SpeculationLimit(Arc::new(LimitInner {
+            max,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+        }))
+    }
+
+    /// Takes a slot, if one is free.
+    #[inline]
+    pub(crate) fn try_acquire(&self) -> bool {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let inner = &*self.0;
+        inner
+            .in_flight
+            .fetch_update(AcqRel, Acquire, |n| (n < inner.max).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// Gives back a slot taken by [`try_acquire`](SpeculationLimit::try_acquire).
+    #[inline]
+    pub(crate) fn release(&self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Launch settings shared by a layer and every service it builds.
 ///
 /// The fields are read anywhere in the crate but written only through the setters,
@@ -147,6 +196,8 @@ pub(crate) struct Settings {
     pub(crate) launch: Launch,
     #[cfg(feature = "budget")]
     pub(crate) budget: Option<SharedBudget>,
+    /// The cap on speculative calls in flight, if any.
+    pub(crate) limit: Option<SpeculationLimit>,
     #[cfg(feature = "time")]
     pub(crate) patience: Option<Duration>,
     /// `None` until an observer is set: one pointer for a request to check, and to
@@ -199,6 +250,7 @@ impl Default for Settings {
             launch: Launch::default(),
             #[cfg(feature = "budget")]
             budget: None,
+            limit: None,
             #[cfg(feature = "time")]
             patience: None,
             observers: None,
@@ -218,6 +270,7 @@ impl fmt::Debug for Settings {
         s.field("launch", &self.launch);
         #[cfg(feature = "budget")]
         s.field("budget", &self.budget.as_ref().map(|_| "Budget"));
+        s.field("max_speculative", &self.limit.as_ref().map(|l| l.0.max));
         #[cfg(feature = "time")]
         s.field("patience", &self.patience);
         s.field("observers", &self.observers);
@@ -235,6 +288,11 @@ impl Settings {
     #[cfg(feature = "budget")]
     pub(crate) fn set_budget(&mut self, budget: SharedBudget) {
         self.budget = Some(budget);
+        self.refresh();
+    }
+
+    pub(crate) fn set_max_speculative(&mut self, max: usize) {
+        self.limit = Some(SpeculationLimit::new(max));
         self.refresh();
     }
 
@@ -288,9 +346,11 @@ impl Settings {
         let budget = self.budget.is_some();
         #[cfg(not(feature = "budget"))]
         let budget = false;
-        self.launch_state = launch || budget;
-        // Every request of a layer with a budget deposits into it, from its cold part.
-        self.cold = launch || budget || self.observers.is_some();
+        let limited = self.limit.is_some();
+        self.launch_state = launch || budget || limited;
+        // Every request of a layer with a budget deposits into it, from its cold part; a
+        // speculative call under a limit holds its slot there.
+        self.cold = launch || budget || limited || self.observers.is_some();
         // What a cold part taken late is filled with: `Deferred::NONE` unless requests
         // take their cold part late. Such requests need none at `call`
         // (`cold` is `false`), and one at the first poll that needs it — to arm the
@@ -298,7 +358,7 @@ impl Settings {
         // when the fallback answers first — so a primary that answers on its first poll
         // never needs one.
         #[cfg(feature = "time")]
-        let late = match launch && !budget && self.observers.is_none() {
+        let late = match launch && !budget && !limited && self.observers.is_none() {
             true => self.late(),
             false => None,
         };

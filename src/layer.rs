@@ -169,6 +169,25 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
         self
     }
 
+    /// Caps the speculative fallback calls in flight at once, across every service this
+    /// layer builds and their clones, at `max`. Default: no cap. See
+    /// [`Fallback::max_speculative`].
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use tower::service_fn;
+    /// use tower_backstop::FallbackLayer;
+    ///
+    /// let db = service_fn(|key: u32| async move { Ok::<_, Infallible>(key) });
+    /// // A pool of 8 connections: speculation may hold 2 of them at most.
+    /// let layer = FallbackLayer::new(db).max_speculative(2);
+    /// # let _ = layer;
+    /// ```
+    pub fn max_speculative(mut self, max: usize) -> Self {
+        self.settings.set_max_speculative(max);
+        self
+    }
+
     /// Lets only the requests `eligible` approves start their fallback speculatively;
     /// the others start it only after the primary is rejected.
     ///

@@ -135,6 +135,10 @@ pub struct Outcome {
     pub launched_after: Option<Duration>,
     /// Whether the budget refused this request a speculative launch.
     pub budget_refused: bool,
+    /// Whether this request was kept from a speculative launch because as many
+    /// speculative calls as [`max_speculative`](crate::Fallback::max_speculative)
+    /// allows were in flight.
+    pub speculation_limited: bool,
     /// Whether the fallback answered while the primary was still pending (a readiness
     /// error does not count: the fallback did no work).
     pub fallback_first: bool,
@@ -227,6 +231,10 @@ pub enum Launched {
     AfterRejection,
     /// After the primary was rejected, because the budget refused a speculative launch.
     BudgetRefused,
+    /// After the primary was rejected, because as many speculative calls as the layer's
+    /// [`max_speculative`](crate::Fallback::max_speculative) allows were already in
+    /// flight.
+    LimitReached,
     /// After the primary was rejected, because the request was not
     /// [`Eligible`](crate::launch::Eligible).
     NotEligible,

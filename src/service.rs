@@ -241,6 +241,29 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
         self
     }
 
+    /// Caps the speculative fallback calls in flight at once — across every clone of
+    /// this service — at `max`. Default: no cap.
+    ///
+    /// A speculative call holds its slot from its launch until it is speculative no
+    /// more: the primary answers (accepted, the call is dropped; rejected, it is a
+    /// miss's call), the fallback answers first, or the response future is dropped. A
+    /// request that finds every slot taken is served sequentially, as a budget refusal
+    /// does (its outcome says [`Launched::LimitReached`](crate::launch::Launched::LimitReached),
+    /// and [`Snapshot::speculation_limited`](crate::outcome::Snapshot::speculation_limited)
+    /// counts it): its fallback starts only if the primary is rejected.
+    ///
+    /// Where a budget bounds speculation's *rate*, this bounds what speculation holds
+    /// of the fallback *at once* — pooled connections, server time — so that calls
+    /// started for what turn out to be hits cannot crowd out the calls misses need.
+    /// Size it below the fallback's pool: with a pool of `n` connections, `max` of
+    /// `n / 2` or less leaves the rest to misses (`docs/redis-postgres.md` measures
+    /// this). `0` never speculates. Costs one atomic read-modify-write at a speculative
+    /// launch and one when its slot goes back.
+    pub fn max_speculative(mut self, max: usize) -> Self {
+        self.settings.set_max_speculative(max);
+        self
+    }
+
     /// Lets only the requests `eligible` approves start their fallback speculatively;
     /// the others are served sequentially. Default: [`AnyRequest`], every request.
     ///

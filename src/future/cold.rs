@@ -5,7 +5,7 @@
 //! the builder.
 
 use crate::{
-    launch::{Plan, Settings, Timer},
+    launch::{Launched, Plan, Settings, Timer},
     outcome::{tracing_may_listen, Tracker},
 };
 use pin_project_lite::pin_project;
@@ -65,6 +65,10 @@ struct Parts {
     /// The request may still withdraw, once.
     #[cfg(feature = "budget")]
     may_withdraw: bool,
+    /// The layer's cap on speculative calls in flight, held by a request that may
+    /// speculate under one; `holding` while its speculative call has a slot.
+    limit: Option<crate::launch::SpeculationLimit>,
+    holding: bool,
     /// Times the primary for an adaptive launch, if this request is sampled.
     #[cfg(feature = "adaptive")]
     sampler: crate::launch::adaptive::Sampler,
@@ -142,14 +146,25 @@ impl fmt::Debug for ColdSlot {
     }
 }
 
-#[cfg(feature = "budget")]
 impl Parts {
     /// The request's one deposit. Out of line: only a layer with a budget gets here.
+    #[cfg(feature = "budget")]
     #[inline(never)]
     fn deposit(&mut self) {
         self.deposit_due = false;
         if let Some(budget) = &self.budget {
             budget.deposit();
+        }
+    }
+
+    /// The request's call is no longer speculative, or no longer running: its slot
+    /// under the layer's limit, if it holds one, goes back.
+    #[inline]
+    fn release_speculation(&mut self) {
+        if std::mem::take(&mut self.holding) {
+            if let Some(limit) = &self.limit {
+                limit.release();
+            }
         }
     }
 }
@@ -191,6 +206,10 @@ impl Cold {
                 parts.delay = Some(*delay);
                 parts.filled = true;
             }
+        }
+        if let (Some(limit), true) = (&settings.limit, plan.may_speculate()) {
+            parts.limit = Some(limit.clone());
+            parts.filled = true;
         }
         #[cfg(feature = "budget")]
         {
@@ -246,6 +265,8 @@ impl Cold {
         // Only a part filled with something of the launch holds anything more to empty.
         if std::mem::take(&mut this.parts.filled) {
             this.timer.set(None);
+            this.parts.release_speculation();
+            this.parts.limit = None;
             // The budget goes before the part is pooled: a pooled part keeps no handle
             // that may run user code when dropped (a `Stats` or an `Adaptive` is only
             // data).
@@ -282,6 +303,11 @@ impl Cold {
         #[cfg(feature = "adaptive")]
         this.parts.sampler.record();
         this.parts.tracker.primary_answered();
+        // Accepted, the fallback is dropped; rejected, its call is a miss's: speculative
+        // no more.
+        if this.parts.holding {
+            this.parts.release_speculation();
+        }
         // Neither a launch delay nor the patience bound applies any more.
         if this.timer.is_some() {
             this.timer.set(None);
@@ -370,22 +396,32 @@ impl Cold {
         Poll::Ready(())
     }
 
-    /// Asks the budget for one speculative launch, once: `false` if it refused.
+    /// Asks the layer's limit for a slot and the budget for one speculative launch,
+    /// once: why the launch was refused, if it was.
+    ///
+    /// The limit is asked first: a slot can be given back if the budget then refuses,
+    /// a budget's withdrawal cannot.
     #[inline(never)]
-    pub(crate) fn withdraw(self: Pin<&mut Self>) -> bool {
+    pub(crate) fn withdraw(self: Pin<&mut Self>) -> Option<Launched> {
+        let parts = self.project().parts;
+        if let Some(limit) = &parts.limit {
+            if !limit.try_acquire() {
+                parts.tracker.speculation_limited();
+                return Some(Launched::LimitReached);
+            }
+            parts.holding = true;
+        }
         #[cfg(feature = "budget")]
         {
-            let parts = self.project().parts;
             if let (true, Some(budget)) = (std::mem::take(&mut parts.may_withdraw), &parts.budget) {
                 if !budget.withdraw() {
                     parts.tracker.budget_refused();
-                    return false;
+                    parts.release_speculation();
+                    return Some(Launched::BudgetRefused);
                 }
             }
         }
-        #[cfg(not(feature = "budget"))]
-        let _ = self;
-        true
+        None
     }
 
     /// The fallback answered while the primary is pending: with patience set and an
@@ -394,6 +430,8 @@ impl Cold {
     pub(crate) fn fallback_answered_first(self: Pin<&mut Self>, ok: bool) {
         let this = self.project();
         this.parts.tracker.fallback_answered(true);
+        // Its work is done: a call no longer running needs no slot.
+        this.parts.release_speculation();
         #[cfg(feature = "time")]
         if let (Some(patience), true) = (this.parts.patience, ok) {
             let mut timer = this.timer;

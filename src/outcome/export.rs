@@ -13,6 +13,7 @@ pub(crate) fn trace(span: &tracing::Span, o: &Outcome) {
         span.record("launched", tracing::field::debug(launched));
     }
     span.record("budget_refused", o.budget_refused);
+    span.record("speculation_limited", o.speculation_limited);
     span.record("fallback_first", o.fallback_first);
     if let Some(latency) = o.primary_latency {
         span.record("primary_latency_us", latency.as_micros() as u64);
@@ -46,11 +47,12 @@ pub(crate) mod metrics {
         pub(crate) layer: &'static str,
         served: [Counter; 3],
         fate: [Counter; 6],
-        launched: [Counter; 6],
+        launched: [Counter; 7],
         budget_refusals: Counter,
         fallback_first: Counter,
         refills: [Counter; 2],
         unpolled: Counter,
+        limited: Counter,
         primary_latency: Histogram,
         fallback_latency: Histogram,
     }
@@ -80,6 +82,10 @@ pub(crate) mod metrics {
             ::metrics::describe_counter!(
                 "backstop_refills_total",
                 "Fallback answers handed to the refill action after a miss, by result (started, failed)."
+            );
+            ::metrics::describe_counter!(
+                "backstop_speculation_limited_total",
+                "Speculative launches not made because the layer's max_speculative calls were in flight."
             );
             ::metrics::describe_counter!(
                 "backstop_abandoned_unpolled_total",
@@ -124,9 +130,11 @@ pub(crate) mod metrics {
                     launched("after_rejection"),
                     launched("budget_refused"),
                     launched("not_eligible"),
+                    launched("limit_reached"),
                 ],
                 budget_refusals: ::metrics::counter!("backstop_budget_refusals_total", "layer" => layer),
                 unpolled: ::metrics::counter!("backstop_abandoned_unpolled_total", "layer" => layer),
+                limited: ::metrics::counter!("backstop_speculation_limited_total", "layer" => layer),
                 fallback_first: ::metrics::counter!("backstop_fallback_first_total", "layer" => layer),
                 primary_latency: ::metrics::histogram!(
                     "backstop_primary_latency_seconds",
@@ -163,6 +171,7 @@ pub(crate) mod metrics {
                     Launched::AfterRejection => 3,
                     Launched::BudgetRefused => 4,
                     Launched::NotEligible => 5,
+                    Launched::LimitReached => 6,
                 };
                 self.launched[why].increment(1);
             }
@@ -171,6 +180,9 @@ pub(crate) mod metrics {
             }
             if o.fallback_first {
                 self.fallback_first.increment(1);
+            }
+            if o.speculation_limited {
+                self.limited.increment(1);
             }
             if !o.polled {
                 self.unpolled.increment(1);

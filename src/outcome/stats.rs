@@ -25,9 +25,9 @@ pub struct Stats {
     inner: Arc<Counters>,
 }
 
-/// Classes of outcome: served (3) × fate (6) × launched (none + 6) × budget refused (2)
+/// Classes of outcome: served (3) × fate (6) × launched (none + 7) × budget refused (2)
 /// × fallback first (2).
-const CLASSES: usize = 3 * 6 * 7 * 2 * 2;
+const CLASSES: usize = 3 * 6 * 8 * 2 * 2;
 
 struct Counters {
     by_class: [AtomicU64; CLASSES],
@@ -37,6 +37,8 @@ struct Counters {
     /// Requests abandoned before their first poll, counted apart from the classes as
     /// well (each is also one of the abandoned ones).
     unpolled: AtomicU64,
+    /// Requests kept from a speculative launch by the layer's `max_speculative`.
+    limited: AtomicU64,
 }
 
 impl Default for Counters {
@@ -45,6 +47,7 @@ impl Default for Counters {
             by_class: std::array::from_fn(|_| AtomicU64::new(0)),
             refills: [AtomicU64::new(0), AtomicU64::new(0)],
             unpolled: AtomicU64::new(0),
+            limited: AtomicU64::new(0),
         }
     }
 }
@@ -68,7 +71,7 @@ const FATES: [Fate; 6] = [
     Fate::ReadinessFailed,
     Fate::Served,
 ];
-const LAUNCHED: [Option<Launched>; 7] = [
+const LAUNCHED: [Option<Launched>; 8] = [
     None,
     Some(Launched::Concurrent),
     Some(Launched::Delayed),
@@ -76,6 +79,7 @@ const LAUNCHED: [Option<Launched>; 7] = [
     Some(Launched::AfterRejection),
     Some(Launched::BudgetRefused),
     Some(Launched::NotEligible),
+    Some(Launched::LimitReached),
 ];
 
 impl Class {
@@ -102,8 +106,9 @@ impl Class {
             Some(Launched::AfterRejection) => 4,
             Some(Launched::BudgetRefused) => 5,
             Some(Launched::NotEligible) => 6,
+            Some(Launched::LimitReached) => 7,
         };
-        (((served * 6 + fate) * 7 + launched) * 2 + usize::from(self.budget_refused)) * 2
+        (((served * 6 + fate) * 8 + launched) * 2 + usize::from(self.budget_refused)) * 2
             + usize::from(self.fallback_first)
     }
 
@@ -111,9 +116,9 @@ impl Class {
         Class {
             fallback_first: i % 2 == 1,
             budget_refused: (i / 2) % 2 == 1,
-            launched: LAUNCHED[(i / 4) % 7],
-            fallback: FATES[(i / 28) % 6],
-            served: SERVED[i / 168],
+            launched: LAUNCHED[(i / 4) % 8],
+            fallback: FATES[(i / 32) % 6],
+            served: SERVED[i / 192],
         }
     }
 }
@@ -146,6 +151,9 @@ pub struct Snapshot {
     pub fallbacks_wasted: u64,
     /// Speculative launches the budget refused.
     pub budget_refusals: u64,
+    /// Speculative launches not made because as many speculative calls as the layer's
+    /// [`max_speculative`](crate::Fallback::max_speculative) allows were in flight.
+    pub speculation_limited: u64,
     /// Requests whose fallback answered while the primary was still pending. If this is
     /// close to `requests`, the primary is not saving latency.
     pub fallback_first: u64,
@@ -195,6 +203,7 @@ impl Stats {
         snapshot.refills = started.load(Relaxed);
         snapshot.refill_failures = failed.load(Relaxed);
         snapshot.abandoned_unpolled = self.inner.unpolled.load(Relaxed);
+        snapshot.speculation_limited = self.inner.limited.load(Relaxed);
         snapshot
     }
 
@@ -213,6 +222,12 @@ impl Stats {
     #[inline]
     pub(crate) fn count_unpolled(&self) {
         self.inner.unpolled.fetch_add(1, Relaxed);
+    }
+
+    /// A request was kept from a speculative launch by the layer's limit.
+    #[inline]
+    pub(crate) fn count_limited(&self) {
+        self.inner.limited.fetch_add(1, Relaxed);
     }
 
     /// A refill ran: started (`ok`) or failed.
@@ -234,7 +249,7 @@ impl fmt::Display for Snapshot {
             f,
             "{} requests: {} by primary, {} by fallback, {} abandoned ({} unpolled); \
              {} fallback launches ({} speculative, {} cancelled, {} wasted); \
-             {} budget refusals; fallback first {} times; \
+             {} budget refusals, {} over the speculation limit; fallback first {} times; \
              {} refills started, {} failed",
             self.requests,
             self.served_by_primary,
@@ -246,6 +261,7 @@ impl fmt::Display for Snapshot {
             self.fallbacks_cancelled,
             self.fallbacks_wasted,
             self.budget_refusals,
+            self.speculation_limited,
             self.fallback_first,
             self.refills,
             self.refill_failures,

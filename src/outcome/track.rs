@@ -66,6 +66,7 @@ pub(crate) struct Tracker {
     verdict: Verdict,
     launched: Option<Launched>,
     budget_refused: bool,
+    speculation_limited: bool,
     fallback_first: bool,
     refill: Option<Refilled>,
     /// Whether the response future has been polled: one that is dropped before its
@@ -156,6 +157,7 @@ impl Default for Tracker {
             verdict: Verdict::Pending,
             launched: None,
             budget_refused: false,
+            speculation_limited: false,
             fallback_first: false,
             refill: None,
             polled: false,
@@ -181,6 +183,7 @@ impl Tracker {
         self.verdict = Verdict::Pending;
         self.launched = None;
         self.budget_refused = false;
+        self.speculation_limited = false;
         self.fallback_first = false;
         self.refill = None;
         self.polled = false;
@@ -273,6 +276,11 @@ impl Tracker {
     #[inline]
     pub(crate) fn budget_refused(&mut self) {
         self.budget_refused = true;
+    }
+
+    #[inline]
+    pub(crate) fn speculation_limited(&mut self) {
+        self.speculation_limited = true;
     }
 
     #[inline]
@@ -383,6 +391,9 @@ impl Tracker {
             if !self.polled {
                 stats.count_unpolled();
             }
+            if self.speculation_limited {
+                stats.count_limited();
+            }
         }
         // Only the observers that want latencies get an `Outcome`; counting needs none.
         if self.timed.is_some() {
@@ -404,6 +415,7 @@ impl Tracker {
             launched: self.launched,
             launched_after: t.launched_after,
             budget_refused: self.budget_refused,
+            speculation_limited: self.speculation_limited,
             fallback_first: self.fallback_first,
             primary_latency: t.primary_latency,
             fallback_latency: t.fallback_latency,
@@ -446,6 +458,7 @@ fn listening_span() -> Option<tracing::Span> {
         fallback = tracing::field::Empty,
         launched = tracing::field::Empty,
         budget_refused = tracing::field::Empty,
+        speculation_limited = tracing::field::Empty,
         fallback_first = tracing::field::Empty,
         primary_latency_us = tracing::field::Empty,
         fallback_latency_us = tracing::field::Empty,
