@@ -464,7 +464,6 @@ impl Plan {
     }
 
     /// Whether the fallback may start before the primary is rejected.
-    #[cfg(feature = "budget")]
     #[inline]
     pub(crate) fn may_speculate(self) -> bool {
         !matches!(self, Plan::OnReject(_))

@@ -228,7 +228,6 @@ impl Cold {
                 parts.sampler.begin(adaptive, matches!(plan, Plan::Wait(_)));
             }
         }
-        let _ = plan;
         Some(cold)
     }
 
