@@ -131,27 +131,40 @@ pub fn database(
     OnCancel::new(query, action)
 }
 
+/// The advisory lock key `seed` holds while it looks at and fills the table (any
+/// constant; it names nothing else in this database).
+const SEED_LOCK: i64 = 0x6261_636b_7374_6f70; // "backstop"
+
 /// Creates and fills the `items` table (`ROWS` rows) unless it is already there.
-pub async fn seed(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS items (
-                 id bigint PRIMARY KEY, grp int NOT NULL, payload text NOT NULL)",
-        )
+///
+/// Safe to run from many tests and processes at once: everything happens in one
+/// transaction that first takes a transaction-scoped advisory lock, so one session
+/// creates and fills the table while the others wait, then find it full and change
+/// nothing. (Two bare `CREATE TABLE IF NOT EXISTS` racing on a fresh database fail
+/// with `duplicate key value violates unique constraint "pg_type_typname_nsp_index"`.)
+/// The table is the one `search_path` names: `items` in the first schema of the path.
+pub async fn seed(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    // Released at commit or rollback: an error or a dropped future leaves no lock.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SEED_LOCK])
         .await?;
-    let count: i64 = client
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS items (
+             id bigint PRIMARY KEY, grp int NOT NULL, payload text NOT NULL)",
+    )
+    .await?;
+    let count: i64 = tx
         .query_one("SELECT count(*) FROM items", &[])
         .await?
         .get(0);
     if count != ROWS {
-        client
-            .batch_execute(&format!(
-                "TRUNCATE items;
-                 INSERT INTO items SELECT g, g % 1000, md5(g::text)
-                     FROM generate_series(1, {ROWS}) g;
-                 ANALYZE items;"
-            ))
-            .await?;
+        tx.batch_execute(&format!(
+            "TRUNCATE items;
+             INSERT INTO items SELECT g, g % 1000, md5(g::text)
+                 FROM generate_series(1, {ROWS}) g;
+             ANALYZE items;"
+        ))
+        .await?;
     }
-    Ok(())
+    tx.commit().await
 }
