@@ -47,7 +47,7 @@ pub(crate) mod metrics {
         launched: [Counter; 6],
         budget_refusals: Counter,
         fallback_first: Counter,
-        refills: [Counter; 2],
+        refills: [Counter; 3],
         primary_latency: Histogram,
         fallback_latency: Histogram,
     }
@@ -76,7 +76,7 @@ pub(crate) mod metrics {
             );
             ::metrics::describe_counter!(
                 "backstop_refills_total",
-                "Fallback answers handed to the refill action after a miss, by result (started, failed)."
+                "Fallback answers handed to the refill action after a miss, by result (started, skipped, failed)."
             );
             ::metrics::describe_histogram!(
                 "backstop_primary_latency_seconds",
@@ -100,7 +100,7 @@ pub(crate) mod metrics {
             let refill = |result: &'static str| ::metrics::counter!("backstop_refills_total", "layer" => layer, "result" => result);
             Handles {
                 layer,
-                refills: [refill("started"), refill("failed")],
+                refills: [refill("started"), refill("skipped"), refill("failed")],
                 served: [served("primary"), served("fallback"), served("abandoned")],
                 fate: [
                     fate("not_launched"),
@@ -166,7 +166,8 @@ pub(crate) mod metrics {
             }
             match o.refill {
                 Some(Refilled::Started) => self.refills[0].increment(1),
-                Some(Refilled::Failed) => self.refills[1].increment(1),
+                Some(Refilled::Skipped) => self.refills[1].increment(1),
+                Some(Refilled::Failed) => self.refills[2].increment(1),
                 None => {}
             }
             if let Some(latency) = o.primary_latency {
