@@ -86,9 +86,13 @@
 //! - **Nested calls**: an `OnCancel` call made inside another one's poll marks itself
 //!   while it runs and restores its caller's mark after; a call whose future its
 //!   caller drops mid-way is cancelled like any other.
-//! - **A slot moved out of its call's future** (into a spawned task, or a response)
-//!   is dropped outside its call: it runs its action if still filled. Keep the slot in
-//!   the call's future, or disarm it before moving it.
+//! - **A slot moved out of its call's future** (into a spawned task, or a response;
+//!   also a service that spawns the future its `call` returns) is dropped outside its
+//!   call: it runs its action if still filled. Keep the slot in the call's future,
+//!   polled through `OnCancel`'s, or disarm it before moving it.
+//! - **The call's own code gives up on the work** (its own timeout, a `select!` that
+//!   drops the query) and then answers: the slot cannot tell that from a query that
+//!   finished, and runs nothing. Call [`Slot::cancel`] before answering.
 //! - **A slot made by hand** with [`Slot::new`] belongs to no call: dropped filled, it
 //!   always runs its action (and counts nowhere).
 //!
