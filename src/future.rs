@@ -36,7 +36,7 @@ use crate::{
     accept::Accept,
     launch::{Control, Launched, Plan, Settings},
     outcome::Served,
-    refill::{NoRefill, Refill},
+    refill::{NoRefill, Refill, Refilled, Write},
 };
 use pin_project_lite::pin_project;
 use std::{
@@ -422,9 +422,13 @@ where
     let Some((mut action, key)) = slot.take() else {
         return;
     };
-    let ok = action.refill(key, res).is_ok();
+    let refilled = match action.refill(key, res) {
+        Ok(Write::Started) => Refilled::Started,
+        Ok(Write::Skipped) => Refilled::Skipped,
+        Err(_) => Refilled::Failed,
+    };
     if let Some(cold) = cold.get() {
-        cold.tracker().refilled(ok);
+        cold.tracker().refilled(refilled);
     }
 }
 

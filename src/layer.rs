@@ -215,14 +215,15 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     /// fallback's `Ok` answer is served because the primary's answer was rejected — not
     /// after a hit, not when the [`patience`](FallbackLayer::patience) bound ran out,
     /// not for an `Err`. The response waits for it, so it **must not block**: start the
-    /// write (spawn a task, send on a channel) and return. Its errors are counted
+    /// write (spawn a task, send on a channel) and return whether it did
+    /// ([`Write`](crate::refill::Write)). Its errors are counted
     /// ([`Snapshot::refill_failures`](crate::outcome::Snapshot::refill_failures)) and
     /// never fail the request. See [`Fallback::refill`] for the details.
     ///
     /// ```
     /// use std::convert::Infallible;
     /// use tower::{service_fn, ServiceBuilder, ServiceExt};
-    /// use tower_backstop::{outcome::Stats, FallbackLayer};
+    /// use tower_backstop::{outcome::Stats, refill::Write, FallbackLayer};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
@@ -236,7 +237,7 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     ///             .accept(|r: &Result<Option<u32>, Infallible>| matches!(r, Ok(Some(_))))
     ///             .stats(stats.clone())
     ///             // In a real service: spawn the write into the cache, and return.
-    ///             .refill(|_key: u32, _row: &Option<u32>| Err::<(), _>("cache is read-only")),
+    ///             .refill(|_key: u32, _row: &Option<u32>| Err::<Write, _>("cache is read-only")),
     ///     )
     ///     .service(cache);
     ///

@@ -151,8 +151,9 @@ pub struct Outcome {
     /// (read at the drop, whether or not the future was polled then).
     pub elapsed: Duration,
     /// Whether the fallback's answer was written back by the layer's
-    /// [`refill`](crate::Fallback::refill) action, and how that went. `None` when no
-    /// refill ran: after a hit, without a refill action, for a request it keeps no key
+    /// [`refill`](crate::Fallback::refill) action, and how that went (a write the action
+    /// spawned and that fails later is not known here: see
+    /// [`Stats::refill_write_failed`]). `None` when no refill ran: after a hit, without a refill action, for a request it keeps no key
     /// of, for an answer served after the patience bound ran out, for an `Err`.
     pub refill: Option<Refilled>,
     /// Whether the response future was polled at all. `false` only for a request
@@ -204,8 +205,13 @@ pub enum LatencyClock {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Refilled {
-    /// The refill action returned `Ok`: the write was started.
+    /// The refill action returned `Ok(Write::Started)`: the write was started.
+    ///
+    /// [`Write`](crate::refill::Write)
     Started,
+    /// The refill action was handed the answer and wrote nothing: it returned
+    /// `Ok(Write::Skipped)` (a `404`, an empty row: nothing to cache).
+    Skipped,
     /// The refill action returned an error, which was dropped. The answer was served
     /// all the same.
     Failed,

@@ -10,26 +10,32 @@
 //!
 //! The action runs synchronously, just before the response is handed out, and must
 //! not wait: the response is not delayed by the write. An action that writes over the
-//! network starts the write (spawns a task, sends on a channel) and returns. A failure
-//! it returns is counted and dropped; it never fails the request or changes its
-//! answer.
+//! network starts the write (spawns a task, sends on a channel) and returns. It says
+//! what it did: [`Write::Started`] when it started a write, [`Write::Skipped`] when the
+//! answer holds nothing to write (a `404`, an empty row). A failure it returns is
+//! counted and dropped; it never fails the request or changes its answer. A write it
+//! spawned can report its own later failure with
+//! [`Stats::refill_write_failed`](crate::outcome::Stats::refill_write_failed), so that
+//! it is counted too.
 //!
 //! Install one with [`Fallback::refill`](crate::Fallback::refill) or
 //! [`FallbackLayer::refill`](crate::FallbackLayer::refill). What became of each
 //! request's refill is in its [`Outcome`](crate::outcome::Outcome) ([`Refilled`]) and
-//! counted in [`Snapshot::refills`](crate::outcome::Snapshot::refills) and
-//! [`Snapshot::refill_failures`](crate::outcome::Snapshot::refill_failures).
+//! counted in [`Snapshot::refills`](crate::outcome::Snapshot::refills) (writes
+//! started), [`refills_skipped`](crate::outcome::Snapshot::refills_skipped),
+//! [`refill_failures`](crate::outcome::Snapshot::refill_failures) and
+//! [`refill_writes_failed`](crate::outcome::Snapshot::refill_writes_failed).
 //!
 //! [`NoRefill`], the default, keeps nothing and does nothing: a layer without a refill
 //! costs exactly what it did before.
 //!
-//! Any `FnMut(Req, &Res) -> Result<(), E>` is a refill, with `Key = Req`: it keeps a
+//! Any `FnMut(Req, &Res) -> Result<Write, E>` is a refill, with `Key = Req`: it keeps a
 //! clone of every request until the answer comes. Implement [`Refill`] on a type of
 //! your own to keep less (only the cache key) or to refill only some requests.
 //!
 //! ```
 //! use std::convert::Infallible;
-//! use tower_backstop::refill::{NoRefill, Refill};
+//! use tower_backstop::refill::{NoRefill, Refill, Write};
 //!
 //! // What a refill keeps of a request: the key, and only for reads.
 //! #[derive(Clone)]
@@ -52,10 +58,10 @@
 //!         }
 //!     }
 //!
-//!     fn refill(&mut self, key: u64, row: &Option<String>) -> Result<(), Self::Error> {
+//!     fn refill(&mut self, key: u64, row: &Option<String>) -> Result<Write, Self::Error> {
 //!         match row {
-//!             Some(row) => self.writes.send((key, row.clone())),
-//!             None => Ok(()), // nothing to cache
+//!             Some(row) => self.writes.send((key, row.clone())).map(|()| Write::Started),
+//!             None => Ok(Write::Skipped), // nothing to cache
 //!         }
 //!     }
 //! }
@@ -63,14 +69,15 @@
 //! let (writes, written) = std::sync::mpsc::channel();
 //! let mut refill = WriteBack { writes };
 //! let key = refill.key(&Op::Get(7)).unwrap();
-//! refill.refill(key, &Some("seven".to_owned())).unwrap();
+//! assert_eq!(refill.refill(key, &Some("seven".to_owned())), Ok(Write::Started));
 //! assert_eq!(written.recv().unwrap(), (7, "seven".to_owned()));
+//! assert_eq!(refill.refill(key, &None), Ok(Write::Skipped));
 //!
 //! // Closures are refills too, keeping the whole request.
 //! let mut log = Vec::new();
 //! let mut closure = |op: Op, _row: &Option<String>| {
 //!     if let Op::Get(key) = op { log.push(key) }
-//!     Ok::<_, Infallible>(())
+//!     Ok::<_, Infallible>(Write::Started)
 //! };
 //! let key = Refill::<Op, Option<String>>::key(&mut closure, &Op::Get(8)).unwrap();
 //! Refill::<Op, Option<String>>::refill(&mut closure, key, &None).unwrap();
@@ -83,6 +90,21 @@
 use std::convert::Infallible;
 
 pub use crate::outcome::Refilled;
+
+/// What a refill action did with the answer it was handed: the `Ok` of
+/// [`Refill::refill`].
+///
+/// Counted apart in [`Stats`](crate::outcome::Stats) and reported in the request's
+/// [`Outcome::refill`](crate::outcome::Outcome::refill) ([`Refilled::Started`],
+/// [`Refilled::Skipped`]), so that a cache fed nothing by answers it cannot hold (a
+/// `404`, `Ok(None)`) does not look refilled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Write {
+    /// A write was started (or made).
+    Started,
+    /// Nothing needed writing: the answer holds nothing to cache.
+    Skipped,
+}
 
 /// Writes the fallback's answer back after a miss. See the [module docs](self).
 ///
@@ -105,14 +127,15 @@ pub trait Refill<Req, Res> {
     /// (nothing is then kept, and [`refill`](Refill::refill) is not called).
     fn key(&mut self, req: &Req) -> Option<Self::Key>;
 
-    /// Starts writing `res` back for `key`. Must not block: the response waits for
-    /// this call to return.
-    fn refill(&mut self, key: Self::Key, res: &Res) -> Result<(), Self::Error>;
+    /// Starts writing `res` back for `key`, and says whether it did: `Ok(Write::Started)`
+    /// for a write started, `Ok(Write::Skipped)` when `res` holds nothing to write. Must
+    /// not block: the response waits for this call to return.
+    fn refill(&mut self, key: Self::Key, res: &Res) -> Result<Write, Self::Error>;
 }
 
 impl<F, Req, Res, E> Refill<Req, Res> for F
 where
-    F: FnMut(Req, &Res) -> Result<(), E>,
+    F: FnMut(Req, &Res) -> Result<Write, E>,
     Req: Clone,
 {
     type Key = Req;
@@ -122,7 +145,7 @@ where
         Some(req.clone())
     }
 
-    fn refill(&mut self, key: Req, res: &Res) -> Result<(), E> {
+    fn refill(&mut self, key: Req, res: &Res) -> Result<Write, E> {
         self(key, res)
     }
 }
@@ -141,7 +164,7 @@ impl<Req, Res> Refill<Req, Res> for NoRefill {
     }
 
     #[inline]
-    fn refill(&mut self, key: Infallible, _res: &Res) -> Result<(), Infallible> {
+    fn refill(&mut self, key: Infallible, _res: &Res) -> Result<Write, Infallible> {
         match key {}
     }
 }

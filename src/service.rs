@@ -286,7 +286,8 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
 
     /// Writes the fallback's answer back after a miss with `refill`, a
     /// [`Refill`](crate::refill::Refill) action or a closure
-    /// `FnMut(Req, &Res) -> Result<(), E>`. Default: [`NoRefill`], which keeps nothing
+    /// `FnMut(Req, &Res) -> Result<Write, E>` ([`Write`](crate::refill::Write)). Default:
+    /// [`NoRefill`], which keeps nothing
     /// and costs nothing.
     ///
     /// `call` asks the action for the request's [`key`](crate::refill::Refill::key)
@@ -300,7 +301,13 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// request abandoned before it finished.
     ///
     /// The response waits for the action, so it **must not block**: start the write
-    /// (spawn a task, send on a channel) and return. An error it returns is counted
+    /// (spawn a task, send on a channel) and return `Ok(Write::Started)`, or
+    /// `Ok(Write::Skipped)` for an answer with nothing to write; the two are counted
+    /// apart ([`Snapshot::refills`](crate::outcome::Snapshot::refills),
+    /// [`refills_skipped`](crate::outcome::Snapshot::refills_skipped)). A spawned write
+    /// that fails later can be counted with
+    /// [`Stats::refill_write_failed`](crate::outcome::Stats::refill_write_failed). An
+    /// error the action returns is counted
     /// ([`Snapshot::refill_failures`](crate::outcome::Snapshot::refill_failures),
     /// [`Outcome::refill`](crate::outcome::Outcome::refill)) and dropped: it never fails
     /// the request or changes its answer. A panic in `key` happens in `call` and leaves
@@ -310,7 +317,7 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// ```
     /// use std::{convert::Infallible, sync::mpsc};
     /// use tower::{service_fn, ServiceExt};
-    /// use tower_backstop::Fallback;
+    /// use tower_backstop::{refill::Write, Fallback};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
@@ -322,8 +329,8 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// let svc = Fallback::new(cache, db)
     ///     .accept(|r: &Result<Option<String>, Infallible>| matches!(r, Ok(Some(_))))
     ///     .refill(move |key: u32, row: &Option<String>| match row {
-    ///         Some(row) => writes.send((key, row.clone())),
-    ///         None => Ok(()),
+    ///         Some(row) => writes.send((key, row.clone())).map(|()| Write::Started),
+    ///         None => Ok(Write::Skipped), // nothing to cache
     ///     });
     ///
     /// let row = svc.oneshot(7).await.unwrap();

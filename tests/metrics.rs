@@ -47,6 +47,13 @@ fn outcomes_are_exported_through_the_facade() {
             Probe::fixed("db", 10, Reply::Value(2)),
         )
         .accept(hit)
+        // Both misses are refilled: key 1 starts a write, key 2 has nothing to write.
+        .refill(|key: u64, _: &support::Answer| {
+            Ok::<_, std::convert::Infallible>(match key {
+                1 => tower_backstop::refill::Write::Started,
+                _ => tower_backstop::refill::Write::Skipped,
+            })
+        })
         .metrics("cache")
     });
 
@@ -99,6 +106,13 @@ fn outcomes_are_exported_through_the_facade() {
         ),
         3
     );
+    for result in ["started", "skipped"] {
+        assert_eq!(
+            counter("backstop_refills_total", Some(("result", result))),
+            1,
+            "{result}"
+        );
+    }
     match value(&snapshot, "backstop_fallback_latency_seconds", None) {
         Some(DebugValue::Histogram(samples)) => {
             assert_eq!(samples.len(), 2);

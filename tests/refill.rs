@@ -1,7 +1,8 @@
 //! Refill on a miss: the refill action sees the fallback's `Ok` answer exactly when it
 //! is served because the primary was rejected — once, with the key it kept of the
-//! request — and never otherwise; its failures are counted and change nothing; and it
-//! adds no allocation per request.
+//! request — and never otherwise; writes started and answers skipped are counted
+//! apart; its failures, and a spawned write's later failure, are counted and change
+//! nothing; and it adds no allocation per request.
 
 mod support;
 
@@ -27,7 +28,7 @@ use support::{hit, Answer, Probe, ProbeError, Reply};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_backstop::{
     outcome::{Outcome, Served, Stats},
-    refill::{Refill, Refilled},
+    refill::{Refill, Refilled, Write},
     Fallback, FallbackLayer,
 };
 
@@ -71,12 +72,15 @@ impl Refill<u64, Answer> for Recorder {
         (*key < NOT_REFILLED).then_some(*key)
     }
 
-    fn refill(&mut self, key: u64, answer: &Answer) -> Result<(), &'static str> {
+    /// An answer without a value (a `404`) has nothing to write: skipped.
+    fn refill(&mut self, key: u64, answer: &Answer) -> Result<Write, &'static str> {
         self.calls.lock().unwrap().push((key, answer.clone()));
         if self.fail {
             Err("the cache refused the write")
+        } else if answer.value.is_some() {
+            Ok(Write::Started)
         } else {
-            Ok(())
+            Ok(Write::Skipped)
         }
     }
 }
@@ -233,7 +237,88 @@ async fn a_failing_refill_changes_nothing_but_is_counted() {
     assert_eq!((counted.refills, counted.refill_failures), (0, 1));
     assert_eq!(counted.served_by_fallback, 1);
     assert_eq!(outcome.refill, Some(Refilled::Failed));
-    assert!(counted.to_string().ends_with("0 refills started, 1 failed"));
+    assert!(
+        counted
+            .to_string()
+            .contains("0 refills started (0 failed later), 0 skipped, 1 failed"),
+        "{counted}"
+    );
+}
+
+/// The database's `404`-style `Ok(None)` handed to the refill, which writes nothing:
+/// counted as skipped, not as a refill.
+#[tokio::test(start_paused = true)]
+async fn an_answer_with_nothing_to_write_is_counted_as_skipped() {
+    let refill = Recorder::default();
+    let (result, stats, outcome) = serve(
+        Probe::fixed("cache", 1, Reply::Empty),
+        Probe::fixed("db", 5, Reply::Empty),
+        refill.clone(),
+        3,
+    )
+    .await;
+
+    assert_eq!(result, Ok(from("db", None)));
+    assert_eq!(refill.calls(), [(3, from("db", None))]);
+    let counted = stats.snapshot();
+    assert_eq!(
+        (
+            counted.refills,
+            counted.refills_skipped,
+            counted.refill_failures
+        ),
+        (0, 1, 0)
+    );
+    assert_eq!(outcome.refill, Some(Refilled::Skipped));
+    assert!(
+        counted
+            .to_string()
+            .contains("0 refills started (0 failed later), 1 skipped"),
+        "{counted}"
+    );
+}
+
+/// A refill that spawns its write and reports the write's failure later, through a
+/// clone of the layer's `Stats`: counted, next to the write it started.
+#[tokio::test(start_paused = true)]
+async fn a_spawned_write_that_fails_later_is_counted() {
+    let stats = Stats::new();
+    let for_writes = stats.clone();
+    let write_back = move |key: u64, answer: &Answer| {
+        if answer.value.is_none() {
+            return Ok::<_, Infallible>(Write::Skipped);
+        }
+        let stats = for_writes.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(3)).await;
+            // The cache refuses odd keys.
+            if key % 2 == 1 {
+                stats.refill_write_failed();
+            }
+        });
+        Ok(Write::Started)
+    };
+    let svc = Fallback::new(
+        Probe::fixed("cache", 1, Reply::Empty),
+        Probe::fixed("db", 5, Reply::Value(7)),
+    )
+    .accept(hit)
+    .stats(stats.clone())
+    .refill(write_back);
+
+    for key in 1..=4 {
+        assert_eq!(svc.clone().oneshot(key).await, Ok(from("db", Some(7))));
+    }
+    tokio::time::sleep(ms(10)).await;
+    let counted = stats.snapshot();
+    assert_eq!((counted.refills, counted.refill_writes_failed), (4, 2));
+    assert_eq!(counted.refill_failures, 0);
+    assert!(
+        counted
+            .to_string()
+            .contains("4 refills started (2 failed later)"),
+        "{counted}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -297,9 +382,9 @@ impl Refill<u64, Option<u64>> for Sum {
         Some(*key)
     }
 
-    fn refill(&mut self, key: u64, row: &Option<u64>) -> Result<(), Infallible> {
+    fn refill(&mut self, key: u64, row: &Option<u64>) -> Result<Write, Infallible> {
         self.0.fetch_add(key + row.unwrap_or(0), Relaxed);
-        Ok(())
+        Ok(Write::Started)
     }
 }
 

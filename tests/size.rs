@@ -12,7 +12,10 @@ use std::{
     mem::size_of,
 };
 use tower::{service_fn, Service};
-use tower_backstop::{refill::NoRefill, Fallback};
+use tower_backstop::{
+    refill::{NoRefill, Write},
+    Fallback,
+};
 
 type Answer = Result<Option<u64>, Infallible>;
 
@@ -60,7 +63,7 @@ fn no_refill_adds_nothing_to_the_future() {
     }
 
     // A refill that keeps a `u64` key costs that key, its tag and the action.
-    let refill = |_key: u64, _res: &Option<u64>| Ok::<(), Infallible>(());
+    let refill = |_key: u64, _res: &Option<u64>| Ok::<_, Infallible>(Write::Started);
     let with_refill = future_size(&svc.refill(refill));
     assert!(
         with_refill <= plain + 2 * size_of::<u64>(),

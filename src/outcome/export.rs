@@ -50,7 +50,7 @@ pub(crate) mod metrics {
         launched: [Counter; 7],
         budget_refusals: Counter,
         fallback_first: Counter,
-        refills: [Counter; 2],
+        refills: [Counter; 3],
         unpolled: Counter,
         limited: Counter,
         primary_latency: Histogram,
@@ -81,7 +81,7 @@ pub(crate) mod metrics {
             );
             ::metrics::describe_counter!(
                 "backstop_refills_total",
-                "Fallback answers handed to the refill action after a miss, by result (started, failed)."
+                "Fallback answers handed to the refill action after a miss, by result (started, skipped, failed)."
             );
             ::metrics::describe_counter!(
                 "backstop_speculation_limited_total",
@@ -113,7 +113,7 @@ pub(crate) mod metrics {
             let refill = |result: &'static str| ::metrics::counter!("backstop_refills_total", "layer" => layer, "result" => result);
             Handles {
                 layer,
-                refills: [refill("started"), refill("failed")],
+                refills: [refill("started"), refill("skipped"), refill("failed")],
                 served: [served("primary"), served("fallback"), served("abandoned")],
                 fate: [
                     fate("not_launched"),
@@ -189,7 +189,8 @@ pub(crate) mod metrics {
             }
             match o.refill {
                 Some(Refilled::Started) => self.refills[0].increment(1),
-                Some(Refilled::Failed) => self.refills[1].increment(1),
+                Some(Refilled::Skipped) => self.refills[1].increment(1),
+                Some(Refilled::Failed) => self.refills[2].increment(1),
                 None => {}
             }
             if let Some(latency) = o.primary_latency {

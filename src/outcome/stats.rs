@@ -1,6 +1,6 @@
 //! The shared outcome counters: one atomic add per request, no clock.
 
-use super::{Fate, Launched, Served};
+use super::{Fate, Launched, Refilled, Served};
 use std::{
     fmt,
     sync::{
@@ -19,7 +19,10 @@ use std::{
 /// started, whether the budget refused it and whether the fallback answered first);
 /// [`snapshot`](Stats::snapshot) sums the classes. A request whose answer is handed
 /// to a [`refill`](crate::Fallback::refill) action costs one more, into a refill
-/// counter. A handle holds about 4 KiB of counters.
+/// counter; so does a cancel action run by an
+/// [`OnCancel`](crate::cancel::OnCancel::stats) that counts here, and a spawned refill
+/// write reported with [`refill_write_failed`](Stats::refill_write_failed). A handle
+/// holds about 4 KiB of counters.
 #[derive(Clone, Default)]
 pub struct Stats {
     inner: Arc<Counters>,
@@ -31,9 +34,13 @@ const CLASSES: usize = 3 * 6 * 8 * 2 * 2;
 
 struct Counters {
     by_class: [AtomicU64; CLASSES],
-    /// Refills started and refills failed: counted apart from the classes, when a
+    /// Refills started, skipped and failed: counted apart from the classes, when a
     /// refill runs, so that the classes do not double.
-    refills: [AtomicU64; 2],
+    refills: [AtomicU64; 3],
+    /// Started refill writes that reported failing later.
+    refill_writes_failed: AtomicU64,
+    /// Cancel actions run by `OnCancel` slots.
+    cancels: AtomicU64,
     /// Requests abandoned before their first poll, counted apart from the classes as
     /// well (each is also one of the abandoned ones).
     unpolled: AtomicU64,
@@ -45,7 +52,9 @@ impl Default for Counters {
     fn default() -> Self {
         Counters {
             by_class: std::array::from_fn(|_| AtomicU64::new(0)),
-            refills: [AtomicU64::new(0), AtomicU64::new(0)],
+            refills: std::array::from_fn(|_| AtomicU64::new(0)),
+            refill_writes_failed: AtomicU64::new(0),
+            cancels: AtomicU64::new(0),
             unpolled: AtomicU64::new(0),
             limited: AtomicU64::new(0),
         }
@@ -157,12 +166,26 @@ pub struct Snapshot {
     /// Requests whose fallback answered while the primary was still pending. If this is
     /// close to `requests`, the primary is not saving latency.
     pub fallback_first: u64,
-    /// Refills started: fallback answers served after a miss and handed to the
-    /// [`refill`](crate::Fallback::refill) action, which returned `Ok`.
+    /// Refills that started a write: fallback answers served after a miss and handed
+    /// to the [`refill`](crate::Fallback::refill) action, which returned
+    /// `Ok(Write::Started)` ([`Write`](crate::refill::Write)).
     pub refills: u64,
+    /// Refills that wrote nothing: the action was handed the answer and returned
+    /// `Ok(Write::Skipped)` (a `404`, an empty row: nothing to cache).
+    pub refills_skipped: u64,
     /// Refills that failed: the [`refill`](crate::Fallback::refill) action returned an
     /// error (the answer was served all the same).
     pub refill_failures: u64,
+    /// Refill writes that started (counted in `refills`) and failed later, as the
+    /// action's spawned write reported with
+    /// [`Stats::refill_write_failed`](Stats::refill_write_failed).
+    pub refill_writes_failed: u64,
+    /// Cancel actions run: calls of an [`OnCancel`](crate::cancel::OnCancel) counting
+    /// here ([`OnCancel::stats`](crate::cancel::OnCancel::stats)) dropped unanswered
+    /// while their slot was filled, and [`Slot::cancel`](crate::cancel::Slot::cancel)
+    /// calls that ran the action. Compare with `fallbacks_cancelled`, the fallback
+    /// futures dropped (filled slot or not).
+    pub cancels: u64,
 }
 
 impl Snapshot {
@@ -199,12 +222,42 @@ impl Stats {
                 snapshot.add(Class::from_index(i), n);
             }
         }
-        let [started, failed] = &self.inner.refills;
+        let [started, skipped, failed] = &self.inner.refills;
         snapshot.refills = started.load(Relaxed);
+        snapshot.refills_skipped = skipped.load(Relaxed);
         snapshot.refill_failures = failed.load(Relaxed);
         snapshot.abandoned_unpolled = self.inner.unpolled.load(Relaxed);
         snapshot.speculation_limited = self.inner.limited.load(Relaxed);
+        snapshot.refill_writes_failed = self.inner.refill_writes_failed.load(Relaxed);
+        snapshot.cancels = self.inner.cancels.load(Relaxed);
         snapshot
+    }
+
+    /// Counts a refill write that failed after its action returned: for an action
+    /// that spawns its write (and so returned `Ok(Write::Started)` before knowing how
+    /// it went), to call from the spawned task when the write fails. Read in
+    /// [`Snapshot::refill_writes_failed`]; one relaxed atomic add.
+    ///
+    /// Give the action a clone of the handle the layer counts into, and each write
+    /// it spawns a clone of that (`examples/redis-postgres`'s `WriteBack` does):
+    ///
+    /// ```
+    /// use tower_backstop::outcome::Stats;
+    ///
+    /// let stats = Stats::new();
+    /// let for_the_write = stats.clone(); // moved into the spawned write
+    /// // ...which, when the cache refuses the write:
+    /// for_the_write.refill_write_failed();
+    /// assert_eq!(stats.snapshot().refill_writes_failed, 1);
+    /// ```
+    pub fn refill_write_failed(&self) {
+        self.inner.refill_writes_failed.fetch_add(1, Relaxed);
+    }
+
+    /// A cancel action ran.
+    #[inline]
+    pub(crate) fn count_cancel(&self) {
+        self.inner.cancels.fetch_add(1, Relaxed);
     }
 
     /// Whether `self` and `other` are handles on the same counters.
@@ -230,10 +283,15 @@ impl Stats {
         self.inner.limited.fetch_add(1, Relaxed);
     }
 
-    /// A refill ran: started (`ok`) or failed.
+    /// A refill ran, and what became of it.
     #[inline]
-    pub(crate) fn count_refill(&self, ok: bool) {
-        self.inner.refills[usize::from(!ok)].fetch_add(1, Relaxed);
+    pub(crate) fn count_refill(&self, refilled: Refilled) {
+        let i = match refilled {
+            Refilled::Started => 0,
+            Refilled::Skipped => 1,
+            Refilled::Failed => 2,
+        };
+        self.inner.refills[i].fetch_add(1, Relaxed);
     }
 }
 
@@ -250,7 +308,8 @@ impl fmt::Display for Snapshot {
             "{} requests: {} by primary, {} by fallback, {} abandoned ({} unpolled); \
              {} fallback launches ({} speculative, {} cancelled, {} wasted); \
              {} budget refusals, {} over the speculation limit; fallback first {} times; \
-             {} refills started, {} failed",
+             {} refills started ({} failed later), {} skipped, {} failed; \
+             {} cancel actions run",
             self.requests,
             self.served_by_primary,
             self.served_by_fallback,
@@ -264,7 +323,10 @@ impl fmt::Display for Snapshot {
             self.speculation_limited,
             self.fallback_first,
             self.refills,
+            self.refill_writes_failed,
+            self.refills_skipped,
             self.refill_failures,
+            self.cancels,
         )
     }
 }

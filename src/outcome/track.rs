@@ -332,18 +332,14 @@ impl Tracker {
         };
     }
 
-    /// The refill action ran on the served answer, and returned `Ok` (`ok`) or an
-    /// error. Counted at once: only a request that is about to be served gets here.
+    /// The refill action ran on the served answer, and this became of it. Counted at
+    /// once: only a request that is about to be served gets here.
     #[inline]
-    pub(crate) fn refilled(&mut self, ok: bool) {
+    pub(crate) fn refilled(&mut self, refilled: Refilled) {
         if self.active {
-            self.refill = Some(if ok {
-                Refilled::Started
-            } else {
-                Refilled::Failed
-            });
+            self.refill = Some(refilled);
             if let Some(stats) = &self.stats {
-                stats.count_refill(ok);
+                stats.count_refill(refilled);
             }
         }
     }

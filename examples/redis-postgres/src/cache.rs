@@ -1,16 +1,13 @@
 //! Redis: the cache as a tower service, and the write-back after a miss.
 
-use std::{
-    fmt,
-    sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc,
-    },
-};
+use std::fmt;
 
 use redis::aio::ConnectionManager;
 use tower::{service_fn, Service};
-use tower_backstop::refill::Refill;
+use tower_backstop::{
+    outcome::Stats,
+    refill::{Refill, Write},
+};
 
 use crate::{Error, Row};
 
@@ -47,19 +44,22 @@ pub async fn put(redis: &mut ConnectionManager, row: &Row) -> redis::RedisResult
 }
 
 /// The refill after a miss: writes the database's row into Redis, in a task of its
-/// own, so the response is not delayed. A failed write is counted in `failures`.
+/// own, so the response is not delayed. A write that fails is counted in `stats`
+/// ([`Snapshot::refill_writes_failed`](tower_backstop::outcome::Snapshot::refill_writes_failed));
+/// an answer without a row is counted as skipped.
 #[derive(Clone)]
 pub struct WriteBack {
     /// The Redis connection the writes go through.
     pub redis: ConnectionManager,
-    /// Writes that failed.
-    pub failures: Arc<AtomicU64>,
+    /// Where a failed write is counted: the layer's own `Stats`, to read it next to
+    /// the refills started.
+    pub stats: Stats,
 }
 
 impl fmt::Debug for WriteBack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WriteBack")
-            .field("failures", &self.failures)
+            .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
 }
@@ -72,16 +72,17 @@ impl Refill<i64, Option<Row>> for WriteBack {
         Some(*key)
     }
 
-    fn refill(&mut self, _key: i64, row: &Option<Row>) -> Result<(), Self::Error> {
-        if let Some(row) = row.clone() {
-            let mut redis = self.redis.clone();
-            let failures = self.failures.clone();
-            tokio::spawn(async move {
-                if put(&mut redis, &row).await.is_err() {
-                    failures.fetch_add(1, Relaxed);
-                }
-            });
-        }
-        Ok(())
+    fn refill(&mut self, _key: i64, row: &Option<Row>) -> Result<Write, Self::Error> {
+        let Some(row) = row.clone() else {
+            return Ok(Write::Skipped); // nothing to cache
+        };
+        let mut redis = self.redis.clone();
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            if put(&mut redis, &row).await.is_err() {
+                stats.refill_write_failed();
+            }
+        });
+        Ok(Write::Started)
     }
 }

@@ -139,8 +139,8 @@ pub async fn connect(
         .get_connection_manager()
         .await?;
     let (pool, cancel_addr) = pool(&env.database_url, pool_size)?;
-    let conn = pool.get().await?;
-    seed(&conn).await?;
+    let mut conn = pool.get().await?;
+    seed(&mut conn).await?;
     drop(conn);
     Ok((redis, pool, cancel_addr))
 }

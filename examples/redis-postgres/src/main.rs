@@ -22,8 +22,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut redis, pool, cancel_addr) = connect(&servers, 4).await?;
 
     let counters = Arc::new(DbCounters::default());
-    let db = database(pool.clone(), cancel_addr, LOOKUP, counters.clone());
     let stats = Stats::new();
+    let db = database(
+        pool.clone(),
+        cancel_addr,
+        LOOKUP,
+        counters.clone(),
+        stats.clone(),
+    );
     let svc = stack(
         cache(redis.clone()),
         db.clone(),

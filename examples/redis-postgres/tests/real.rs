@@ -12,11 +12,17 @@ use std::{
 
 use redis::aio::ConnectionManager;
 use redis_postgres::{
-    cache, connect, database, env::Servers, is_hit, pool, put, stack, Answer, DbCounters, Error,
-    Row, Source, LOOKUP,
+    cache, connect, database, env::Servers, is_hit, pool, put, stack, Answer, CancelQuery,
+    DbCounters, Error, Row, Source, LOOKUP,
 };
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
-use tower_backstop::{launch::Launch, outcome::Stats, FallbackLayer};
+use tower_backstop::{
+    cancel::{OnCancel, Slot},
+    launch::Launch,
+    outcome::Stats,
+    refill::Write,
+    FallbackLayer,
+};
 
 /// A query that would run for 10 s, marked so `pg_stat_activity` finds it.
 const SLOW: &str = "SELECT $1::bigint, 'slept'::text FROM pg_sleep(10) /* backstop-cancel-test */";
@@ -76,7 +82,7 @@ async fn hit_is_served_by_redis_and_miss_by_postgres() {
     let stats = Stats::new();
     let svc = stack(
         cache(redis.clone()),
-        database(pool, cancel_addr, LOOKUP, counters.clone()),
+        database(pool, cancel_addr, LOOKUP, counters.clone(), stats.clone()),
         Launch::Sequential,
         stats.clone(),
     );
@@ -122,7 +128,7 @@ async fn redis_error_is_a_miss_and_postgres_answers() {
     let counters = Arc::new(DbCounters::default());
     let svc = stack(
         broken,
-        database(pool, cancel_addr, LOOKUP, counters),
+        database(pool, cancel_addr, LOOKUP, counters, Stats::new()),
         Launch::Concurrent,
         Stats::new(),
     );
@@ -180,17 +186,25 @@ async fn hit_cancels_the_query_on_the_server_and_the_connection_is_reused() {
         }
     });
     let counters = Arc::new(DbCounters::default());
+    let stats = Stats::new();
     let svc = stack(
         slow_cache,
-        database(pool.clone(), cancel_addr, SLOW, counters.clone()),
+        database(
+            pool.clone(),
+            cancel_addr,
+            SLOW,
+            counters.clone(),
+            stats.clone(),
+        ),
         Launch::Concurrent,
-        Stats::new(),
+        stats.clone(),
     );
 
     let row = svc.oneshot(2001).await.unwrap().unwrap();
     assert_eq!(row.source, Source::Cache);
     assert_eq!(counters.started.load(Relaxed), 1, "the query was sent");
     assert_eq!(counters.cancels_sent.load(Relaxed), 1);
+    assert_eq!(stats.snapshot().cancels, 1, "counted where users look");
 
     // Gone from the server well before its 10 s: poll for at most 3 s.
     let mut still_running = true;
@@ -255,7 +269,13 @@ async fn many_cancelled_queries_leave_the_pool_healthy() {
     let counters = Arc::new(DbCounters::default());
     let svc = stack(
         late_cache,
-        database(pool.clone(), cancel_addr, SLOWISH, counters.clone()),
+        database(
+            pool.clone(),
+            cancel_addr,
+            SLOWISH,
+            counters.clone(),
+            Stats::new(),
+        ),
         Launch::Concurrent,
         Stats::new(),
     );
@@ -344,16 +364,15 @@ async fn refill_a_miss_then_the_same_key_is_a_hit_from_redis() {
     };
     let (mut redis, pool, cancel_addr) = connect(&servers, 2).await.unwrap();
     forget(&mut redis, 4001).await;
-    let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let write_back = redis_postgres::WriteBack {
-        redis: redis.clone(),
-        failures: failures.clone(),
-    };
     let counters = Arc::new(DbCounters::default());
     let stats = Stats::new();
+    let write_back = redis_postgres::WriteBack {
+        redis: redis.clone(),
+        stats: stats.clone(),
+    };
     let svc = with_refill(
         cache(redis.clone()),
-        database(pool, cancel_addr, LOOKUP, counters.clone()),
+        database(pool, cancel_addr, LOOKUP, counters.clone(), stats.clone()),
         write_back,
         stats.clone(),
     );
@@ -371,12 +390,16 @@ async fn refill_a_miss_then_the_same_key_is_a_hit_from_redis() {
     }
     let second = second.expect("the miss was never written back into Redis");
     assert_eq!((second.count, &second.digest), (first.count, &first.digest));
-    assert_eq!(failures.load(Relaxed), 0);
-    // One refill per miss served before the write landed, none failed.
+    // One refill per miss served before the write landed, none failed; the cancel
+    // requests (for hits under `Concurrent`) are the cancels `Stats` counted.
     let counted = stats.snapshot();
     assert_eq!(counted.refills, counted.served_by_fallback);
     assert!(counted.refills >= 1);
-    assert_eq!(counted.refill_failures, 0);
+    assert_eq!(
+        (counted.refill_failures, counted.refill_writes_failed),
+        (0, 0)
+    );
+    assert_eq!(counted.cancels, counters.cancels_sent.load(Relaxed));
 }
 
 #[tokio::test]
@@ -386,12 +409,12 @@ async fn failing_refill_does_not_change_the_answer() {
     };
     let (mut redis, pool, cancel_addr) = connect(&servers, 2).await.unwrap();
     forget(&mut redis, 4002).await;
-    let failing = |_key: i64, _row: &Option<Row>| Err::<(), _>("the cache refused the write");
+    let failing = |_key: i64, _row: &Option<Row>| Err::<Write, _>("the cache refused the write");
     let counters = Arc::new(DbCounters::default());
     let stats = Stats::new();
     let svc = with_refill(
         cache(redis.clone()),
-        database(pool, cancel_addr, LOOKUP, counters),
+        database(pool, cancel_addr, LOOKUP, counters, stats.clone()),
         failing,
         stats.clone(),
     );
@@ -405,4 +428,180 @@ async fn failing_refill_does_not_change_the_answer() {
     // Both misses were handed to the refill, which failed both times.
     let counted = stats.snapshot();
     assert_eq!((counted.refills, counted.refill_failures), (0, 2));
+}
+
+// ---- A call that answered never sends a cancel request, disarmed or not.
+
+/// A database call written as a new user would: it fills its slot with the pooled
+/// connection and never disarms it. Completed queries send no cancel request and hold
+/// no connection for one: the pool has its connection back at once.
+#[tokio::test]
+async fn a_completed_query_without_disarm_sends_no_cancel() {
+    let Some(servers) = Servers::for_test("a_completed_query_without_disarm_sends_no_cancel")
+    else {
+        return;
+    };
+    let (_redis, _, _) = connect(&servers, 1).await.unwrap();
+    let (pool, cancel_addr) = pool(&servers.database_url, 1).unwrap();
+    let counters = Arc::new(DbCounters::default());
+    let stats = Stats::new();
+    let query = service_fn({
+        let (pool, counters) = (pool.clone(), counters.clone());
+        move |(key, mut slot): (i64, Slot<deadpool_postgres::Object, CancelQuery>)| {
+            let (pool, counters) = (pool.clone(), counters.clone());
+            async move {
+                let conn = slot.fill(pool.get().await.map_err(Error::Pool)?);
+                counters.started.fetch_add(1, Relaxed);
+                let row = conn
+                    .query_one(LOOKUP, &[&key])
+                    .await
+                    .map_err(Error::Database)?;
+                counters.completed.fetch_add(1, Relaxed);
+                // No `slot.disarm()`.
+                Ok::<_, Error>(row.get::<_, i64>(0))
+            }
+        }
+    });
+    let db = OnCancel::new(
+        query,
+        CancelQuery::new(cancel_addr.clone(), counters.clone()),
+    )
+    .stats(stats.clone());
+
+    for key in 5001..5006 {
+        assert_eq!(db.clone().oneshot(key).await.unwrap(), 12_000);
+        // The connection is back in the pool as soon as the call answered.
+        assert_eq!(pool.status().available, 1, "{:?}", pool.status());
+    }
+    // An early `?` (the query failed: no such column) cancels nothing either.
+    let failing = OnCancel::new(
+        service_fn({
+            let pool = pool.clone();
+            move |((), mut slot): ((), Slot<deadpool_postgres::Object, CancelQuery>)| {
+                let pool = pool.clone();
+                async move {
+                    let conn = slot.fill(pool.get().await.map_err(Error::Pool)?);
+                    conn.batch_execute("SELECT no_such_column FROM items")
+                        .await
+                        .map_err(Error::Database)?;
+                    Ok::<_, Error>(())
+                }
+            }
+        }),
+        CancelQuery::new(cancel_addr, counters.clone()),
+    )
+    .stats(stats.clone());
+    assert!(matches!(failing.oneshot(()).await, Err(Error::Database(_))));
+
+    assert_eq!(counters.completed.load(Relaxed), 5);
+    assert_eq!(
+        counters.cancels_sent.load(Relaxed),
+        0,
+        "cancel requests sent"
+    );
+    assert_eq!(stats.snapshot().cancels, 0);
+    assert_eq!(counters.connections_discarded.load(Relaxed), 0);
+}
+
+/// The same mistake with a handle that is only a cancel token: a cancel request sent
+/// after the call answered would hit whatever the connection runs next. Nothing is
+/// sent, and the next query on the connection runs to its end.
+#[tokio::test]
+async fn a_cancel_token_left_in_a_completed_call_cancels_nothing_next() {
+    let name = "a_cancel_token_left_in_a_completed_call_cancels_nothing_next";
+    let Some(servers) = Servers::for_test(name) else {
+        return;
+    };
+    let (client, conn) = tokio_postgres::connect(&servers.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let client = Arc::new(client);
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let cancel = {
+        let sent = sent.clone();
+        move |token: tokio_postgres::CancelToken| {
+            sent.fetch_add(1, Relaxed);
+            tokio::spawn(async move { token.cancel_query(tokio_postgres::NoTls).await });
+        }
+    };
+    let query = service_fn({
+        let client = client.clone();
+        move |((), mut slot): ((), Slot<tokio_postgres::CancelToken, _>)| {
+            let client = client.clone();
+            async move {
+                slot.fill(client.cancel_token());
+                let one: i32 = client.query_one("SELECT 1", &[]).await?.get(0);
+                Ok::<_, tokio_postgres::Error>(one)
+            }
+        }
+    });
+    let db = OnCancel::new(query, cancel);
+
+    assert_eq!(db.oneshot(()).await.unwrap(), 1);
+    let next = client
+        .batch_execute("SELECT pg_sleep(0.5) /* backstop-token-test */")
+        .await;
+    assert!(next.is_ok(), "the next query was cancelled: {next:?}");
+    assert_eq!(sent.load(Relaxed), 0);
+}
+
+/// `WriteBack` spawns its write; a write Redis refuses (a user without write rights,
+/// `NOPERM`) is counted in the layer's `Stats` when it fails, after the answer went out.
+#[tokio::test]
+async fn a_refill_write_redis_refuses_is_counted() {
+    let Some(servers) = Servers::for_test("a_refill_write_redis_refuses_is_counted") else {
+        return;
+    };
+    let (mut redis, pool, cancel_addr) = connect(&servers, 2).await.unwrap();
+    forget(&mut redis, 4003).await;
+    // A Redis user who may read, not write.
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "backstop_reader",
+            "on",
+            ">reader",
+            "~*",
+            "resetchannels",
+        ])
+        .arg(&["-@all", "+@read", "+@connection"])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let reader_url = servers
+        .redis_url
+        .replacen("redis://", "redis://backstop_reader:reader@", 1);
+    let reader = redis::Client::open(reader_url)
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let stats = Stats::new();
+    let write_back = redis_postgres::WriteBack {
+        redis: reader,
+        stats: stats.clone(),
+    };
+    let counters = Arc::new(DbCounters::default());
+    let svc = with_refill(
+        cache(redis.clone()),
+        database(pool, cancel_addr, LOOKUP, counters, stats.clone()),
+        write_back,
+        stats.clone(),
+    );
+    let row = svc.oneshot(4003).await.unwrap().unwrap();
+    assert_eq!(row.source, Source::Database);
+    // The write runs in a task of its own: wait for its failure (bounded).
+    for _ in 0..40 {
+        if stats.snapshot().refill_writes_failed == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let counted = stats.snapshot();
+    assert_eq!(
+        (counted.refills, counted.refill_writes_failed),
+        (1, 1),
+        "{counted}"
+    );
 }

@@ -35,7 +35,7 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_backstop::{
     launch::{Adaptive, Launch},
     outcome::Stats,
-    refill::Refill,
+    refill::{Refill, Write},
     FallbackLayer,
 };
 
@@ -80,10 +80,10 @@ impl Refill<i64, Option<Row>> for Toggle {
         self.0.as_mut()?.key(key)
     }
 
-    fn refill(&mut self, key: i64, row: &Option<Row>) -> Result<(), Self::Error> {
+    fn refill(&mut self, key: i64, row: &Option<Row>) -> Result<Write, Self::Error> {
         match &mut self.0 {
             Some(write_back) => write_back.refill(key, row),
-            None => Ok(()),
+            None => Ok(Write::Skipped),
         }
     }
 }
@@ -134,7 +134,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Fills Redis with the cached keys' rows, from PostgreSQL, before each run. These
     // calls are never dropped, so their cancel address is never used.
-    let warm = database(seed_pool, "127.0.0.1:1".into(), LOOKUP, Default::default());
+    let warm = database(
+        seed_pool,
+        "127.0.0.1:1".into(),
+        LOOKUP,
+        Default::default(),
+        Stats::new(),
+    );
 
     let policies: Vec<(&str, Launch)> = vec![
         ("Sequential", Launch::Sequential),
@@ -161,7 +167,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let stats = Stats::new();
         let write_back = refill.then(|| WriteBack {
             redis: redis.clone(),
-            failures: Default::default(),
+            stats: stats.clone(),
         });
         let svc = ServiceBuilder::new()
             .layer(
@@ -170,6 +176,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     cancel_addr,
                     LOOKUP,
                     counters.clone(),
+                    stats.clone(),
                 ))
                 .accept(is_hit)
                 .launch(launch)
