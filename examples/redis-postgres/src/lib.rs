@@ -11,6 +11,9 @@
 //! - [`stack`]: the two behind `FallbackLayer`, a hit being `Ok(Some(_))` from Redis.
 //!   A Redis error is a miss too (the database answers), and a database error is
 //!   the request's error: both services share the [`Error`] type.
+//! - [`Lease`]: the database behind a lease in Redis, so that one query per key runs
+//!   across every instance of a fleet (memcache's leases); [`fleet`]: instances of one
+//!   service, and the stampede a popular key's expiry sets off.
 //!
 //! The database query aggregates a window of [`WINDOW`] rows of a 200k-row table, a few
 //! milliseconds of real work on the server, not a sleep in the client.
@@ -25,10 +28,13 @@ use tower_backstop::{launch::Launch, outcome::Stats, FallbackLayer};
 mod cache;
 mod database;
 pub mod env;
+pub mod fleet;
+mod lease;
 
 pub use crate::{
     cache::{cache, cache_key, put, WriteBack},
     database::{database, pool, seed, CancelQuery, DbCounters},
+    lease::{Lease, LeaseConfig, LeaseCounters},
 };
 
 /// Rows in the `items` table.
