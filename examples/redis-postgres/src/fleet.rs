@@ -80,7 +80,9 @@ pub struct Instance {
     pub pool: Pool,
 }
 
-/// Builds one instance: a Redis connection and a pool of `pool_size` of its own, the
+/// Builds one instance: a Redis connection and a pool of `pool_size` of its own (its
+/// connections opened before it returns), the database service running `sql` (as
+/// [`database`] does: [`LOOKUP`] or a query of the same shape), the
 /// database's calls shared as `coalescing` says, under `launch`. The `items` table must
 /// be there already ([`connect`](crate::connect) seeds it).
 pub async fn instance(
@@ -88,18 +90,26 @@ pub async fn instance(
     pool_size: usize,
     launch: Launch,
     coalescing: Coalescing,
+    sql: &'static str,
 ) -> Result<Instance, Box<dyn std::error::Error>> {
     let redis = redis::Client::open(servers.redis_url.as_str())?
         .get_connection_manager()
         .await?;
     let (pool, cancel_addr) = pool(&servers.database_url, pool_size)?;
+    // Every connection opened now, held together so that each is a new one: a
+    // stampede should measure queries, not PostgreSQL forking backends.
+    let mut warm = Vec::with_capacity(pool_size);
+    for _ in 0..pool_size {
+        warm.push(pool.get().await?);
+    }
+    drop(warm);
     let queries = Arc::new(DbCounters::default());
     let leases = Arc::new(LeaseCounters::default());
     let stats = Stats::new();
     let db = database(
         pool.clone(),
         cancel_addr,
-        LOOKUP,
+        sql,
         queries.clone(),
         stats.clone(),
     );

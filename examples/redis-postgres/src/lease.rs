@@ -80,7 +80,8 @@ pub struct LeaseConfig {
     /// waiters take over one at a time instead of all querying. Default: 1 s.
     pub patience: Duration,
     /// How often a waiter looks for the refill (one Redis script call each time).
-    /// Default: 5 ms.
+    /// Default: 10 ms. Each waiter polls: with per-process coalescing in front, an
+    /// instance has one waiter per key.
     pub poll: Duration,
     /// The refilled value's expiry in Redis. Default: 3600 s, as
     /// [`put`](crate::put) writes.
@@ -92,7 +93,7 @@ impl Default for LeaseConfig {
         LeaseConfig {
             lease: Duration::from_millis(250),
             patience: Duration::from_secs(1),
-            poll: Duration::from_millis(5),
+            poll: Duration::from_millis(10),
             ttl: Duration::from_secs(3600),
         }
     }

@@ -2,18 +2,21 @@
 //!
 //! ```text
 //! eval "$(bash .ci/services.sh)"
-//! cd examples/redis-postgres && cargo run --bin measure -- [REQUESTS] [CONCURRENCY]
+//! cd examples/redis-postgres && cargo run --bin measure -- [REQUESTS] [CONCURRENCY] [POOL]
 //! ```
 //!
-//! For each launch policy, with the refill off and then on: `REQUESTS` lookups
+//! For each launch policy (and `Concurrent` with `max_speculative` 1 and 2), with
+//! the refill off and then on: `REQUESTS` lookups
 //! (default 2000; at most 60 s each), `CONCURRENCY` at a time (default 4), over 1000
-//! keys of which 80% are in Redis at the start of each run. With the refill on, each
+//! keys of which 80% are in Redis at the start of each run, through a pool of `POOL`
+//! connections (default: `CONCURRENCY`). With the refill on, each
 //! miss's row is written back into Redis (`WriteBack`), so later lookups of that key
 //! are hits.
 //! Latency is per request, from `call` to the answer, split by who answered (hit:
 //! Redis, miss: PostgreSQL). The database columns: queries sent to the server,
 //! cancel requests sent for calls dropped mid-query, queries cancelled by the server (transactions rolled back, from `pg_stat_database`), and
-//! wasted: sent, not served, and not cancelled — run to the end for nothing.
+//! wasted: sent, not served, and not cancelled — run to the end for nothing;
+//! speculation limited: requests `max_speculative` kept sequential.
 //!
 //! Each policy gets a fresh pool, closed at the end so the server's statistics are
 //! flushed before they are read.
@@ -126,6 +129,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let requests: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(2000);
     let concurrency: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(4);
+    let pool_size: usize = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(concurrency);
     let servers = Servers::required()?;
     let (mut redis, seed_pool, _) = connect(&servers, 1).await?;
     let (monitor, conn) =
@@ -142,47 +150,69 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Stats::new(),
     );
 
-    let policies: Vec<(&str, Launch)> = vec![
-        ("Sequential", Launch::Sequential),
-        ("Concurrent", Launch::Concurrent),
-        ("Delayed(2 ms)", Launch::Delayed(Duration::from_millis(2))),
+    // The last column: the layer's `max_speculative`, the cap on speculative
+    // fallback calls in flight (the pool holds `pool_size` connections).
+    let policies: Vec<(&str, Launch, Option<usize>)> = vec![
+        ("Sequential", Launch::Sequential, None),
+        ("Concurrent", Launch::Concurrent, None),
+        (
+            "Concurrent, max_speculative(1)",
+            Launch::Concurrent,
+            Some(1),
+        ),
+        (
+            "Concurrent, max_speculative(2)",
+            Launch::Concurrent,
+            Some(2),
+        ),
+        (
+            "Delayed(2 ms)",
+            Launch::Delayed(Duration::from_millis(2)),
+            None,
+        ),
         (
             "Adaptive(p90)",
             Launch::Adaptive(Adaptive::new(0.9, Duration::from_millis(2))),
+            None,
         ),
     ];
     println!(
-        "{requests} requests per policy, {concurrency} at a time, {HIT_PERCENT}% hits; \
-         latency in ms (p50 / p99 / p99.9)\n"
+        "{requests} requests per policy, {concurrency} at a time, {HIT_PERCENT}% hits, \
+         a pool of {pool_size}; latency in ms (p50 / p99 / p99.9)\n"
     );
-    println!("| policy | refill | hits | hit latency | misses | miss latency | queries sent | cancel requests | cancelled on server | wasted | queries per request |");
-    println!("|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|");
-    let runs = policies
-        .into_iter()
-        .flat_map(|(name, launch)| [(name, launch.clone(), false), (name, launch, true)]);
-    for (name, launch, refill) in runs {
+    println!("| policy | refill | hits | hit latency | misses | miss latency | queries sent | cancel requests | cancelled on server | wasted | speculation limited | queries per request |");
+    println!("|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    let runs = policies.into_iter().flat_map(|(name, launch, cap)| {
+        [
+            (name, launch.clone(), cap, false),
+            (name, launch, cap, true),
+        ]
+    });
+    for (name, launch, cap, refill) in runs {
         reset_cache(&mut redis, &warm).await?;
-        let (pool, cancel_addr) = pool(&servers.database_url, concurrency)?;
+        let (pool, cancel_addr) = pool(&servers.database_url, pool_size)?;
         let counters = Arc::new(DbCounters::default());
         let stats = Stats::new();
         let write_back = refill.then(|| WriteBack {
             redis: redis.clone(),
             stats: stats.clone(),
         });
+        let mut layer = FallbackLayer::new(database(
+            pool.clone(),
+            cancel_addr,
+            LOOKUP,
+            counters.clone(),
+            stats.clone(),
+        ))
+        .accept(is_hit)
+        .launch(launch)
+        .stats(stats.clone())
+        .refill(Toggle(write_back));
+        if let Some(cap) = cap {
+            layer = layer.max_speculative(cap);
+        }
         let svc = ServiceBuilder::new()
-            .layer(
-                FallbackLayer::new(database(
-                    pool.clone(),
-                    cancel_addr,
-                    LOOKUP,
-                    counters.clone(),
-                    stats.clone(),
-                ))
-                .accept(is_hit)
-                .launch(launch)
-                .stats(stats.clone())
-                .refill(Toggle(write_back)),
-            )
+            .layer(layer)
             .service(cache(redis.clone()));
         let rolled_back_before = rollbacks(&monitor).await;
         let next = Arc::new(AtomicUsize::new(0));
@@ -230,10 +260,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
         let (hits, misses) = std::mem::take(&mut *samples.lock().unwrap());
         let sent = counters.started.load(Relaxed) as i64;
-        let served = stats.snapshot().served_by_fallback as i64;
+        let snapshot = stats.snapshot();
+        let served = snapshot.served_by_fallback as i64;
         let done = (hits.len() + misses.len()) as f64;
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {sent} | {} | {cancelled} | {} | {:.2} |",
+            "| {name} | {} | {} | {} | {} | {} | {sent} | {} | {cancelled} | {} | {} | {:.2} |",
             if refill { "on" } else { "off" },
             hits.len(),
             percentiles(hits),
@@ -241,6 +272,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             percentiles(misses),
             counters.cancels_sent.load(Relaxed),
             (sent - served - cancelled).max(0),
+            snapshot.speculation_limited,
             sent as f64 / done,
         );
     }
