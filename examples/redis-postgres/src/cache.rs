@@ -27,7 +27,7 @@ pub fn cache(
                 .arg(cache_key(key))
                 .query_async(&mut redis)
                 .await
-                .map_err(Error::Cache)?;
+                .map_err(Error::from)?;
             Ok(value.and_then(|v| Row::from_cache_value(key, &v)))
         }
     })

@@ -118,7 +118,7 @@ pub fn database(
         let pool = pool.clone();
         let counters = counters.clone();
         async move {
-            let conn = slot.fill(pool.get().await.map_err(Error::Pool)?);
+            let conn = slot.fill(pool.get().await.map_err(Error::from)?);
             let result = async {
                 let statement = conn.prepare_cached(sql).await?;
                 counters.started.fetch_add(1, Relaxed);
@@ -128,7 +128,7 @@ pub fn database(
             // Answer or error, the query is over: nothing to cancel, and the
             // connection can go back to the pool now.
             slot.disarm();
-            let row = result.map_err(Error::Database)?;
+            let row = result.map_err(Error::from)?;
             counters.completed.fetch_add(1, Relaxed);
             Ok(Some(Row {
                 key,

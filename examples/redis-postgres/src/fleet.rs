@@ -18,7 +18,7 @@ use tower_backstop::{launch::Launch, outcome::Stats, refill::NoRefill, FallbackL
 
 use crate::{
     cache, cache_key, database, env::Servers, is_hit, pool, DbCounters, Error, Lease, LeaseConfig,
-    LeaseCounters, Row, WriteBack, LOOKUP,
+    LeaseCounters, Row, WriteBack,
 };
 
 /// Whether the crate's per-process coalescer (`FallbackLayer::coalesce_by`) is in this
@@ -82,7 +82,7 @@ pub struct Instance {
 
 /// Builds one instance: a Redis connection and a pool of `pool_size` of its own (its
 /// connections opened before it returns), the database service running `sql` (as
-/// [`database`] does: [`LOOKUP`] or a query of the same shape), the
+/// [`database`] does: [`LOOKUP`](crate::LOOKUP) or a query of the same shape), the
 /// database's calls shared as `coalescing` says, under `launch`. The `items` table must
 /// be there already ([`connect`](crate::connect) seeds it).
 pub async fn instance(

@@ -84,14 +84,35 @@ impl Row {
 }
 
 /// The error of both services, so that they line up under `Fallback`.
-#[derive(Debug)]
+///
+/// `Clone`, its causes shared behind an `Arc`: a coalesced call's error reaches every
+/// request that shares the call. `From` each cause.
+#[derive(Clone, Debug)]
 pub enum Error {
     /// Redis failed (the layer treats it as a miss: the database answers).
-    Cache(redis::RedisError),
+    Cache(Arc<redis::RedisError>),
     /// No database connection could be had.
-    Pool(deadpool_postgres::PoolError),
+    Pool(Arc<deadpool_postgres::PoolError>),
     /// The query failed.
-    Database(tokio_postgres::Error),
+    Database(Arc<tokio_postgres::Error>),
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        Error::Cache(Arc::new(e))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Error::Pool(Arc::new(e))
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Error::Database(Arc::new(e))
+    }
 }
 
 impl fmt::Display for Error {

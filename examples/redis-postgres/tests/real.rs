@@ -120,7 +120,7 @@ async fn redis_error_is_a_miss_and_postgres_answers() {
     let (_redis, pool, cancel_addr) = connect(&servers, 1).await.unwrap();
     // A cache that fails as a broken Redis would.
     let broken = service_fn(|_key: i64| async {
-        Err::<Option<Row>, _>(Error::Cache(redis::RedisError::from((
+        Err::<Option<Row>, _>(Error::from(redis::RedisError::from((
             redis::ErrorKind::Io,
             "connection refused",
         ))))
@@ -450,12 +450,9 @@ async fn a_completed_query_without_disarm_sends_no_cancel() {
         move |(key, mut slot): (i64, Slot<deadpool_postgres::Object, CancelQuery>)| {
             let (pool, counters) = (pool.clone(), counters.clone());
             async move {
-                let conn = slot.fill(pool.get().await.map_err(Error::Pool)?);
+                let conn = slot.fill(pool.get().await.map_err(Error::from)?);
                 counters.started.fetch_add(1, Relaxed);
-                let row = conn
-                    .query_one(LOOKUP, &[&key])
-                    .await
-                    .map_err(Error::Database)?;
+                let row = conn.query_one(LOOKUP, &[&key]).await.map_err(Error::from)?;
                 counters.completed.fetch_add(1, Relaxed);
                 // No `slot.disarm()`.
                 Ok::<_, Error>(row.get::<_, i64>(0))
@@ -480,10 +477,10 @@ async fn a_completed_query_without_disarm_sends_no_cancel() {
             move |((), mut slot): ((), Slot<deadpool_postgres::Object, CancelQuery>)| {
                 let pool = pool.clone();
                 async move {
-                    let conn = slot.fill(pool.get().await.map_err(Error::Pool)?);
+                    let conn = slot.fill(pool.get().await.map_err(Error::from)?);
                     conn.batch_execute("SELECT no_such_column FROM items")
                         .await
-                        .map_err(Error::Database)?;
+                        .map_err(Error::from)?;
                     Ok::<_, Error>(())
                 }
             }
