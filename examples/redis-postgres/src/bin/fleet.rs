@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! eval "$(bash .ci/services.sh)"
-//! cd examples/redis-postgres && cargo run --bin fleet -- [REQUESTS]
+//! cd examples/redis-postgres && cargo run --bin fleet -- [REQUESTS] [stampede|zipf]
 //! ```
+//!
+//! Both tables by default; `stampede` or `zipf` prints only that one.
 //!
 //! - **Stampede**: one hot key expires under 256 concurrent requests spread over 4
 //!   instances (each with its own Redis connection, pool of 4, layer and coalescer),
@@ -178,14 +180,20 @@ async fn zipf(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let requests: usize = std::env::args()
-        .nth(1)
+    let mut args = std::env::args().skip(1);
+    let requests: usize = args
+        .next()
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(20_000);
+    let only = args.next();
     let servers = Servers::required()?;
     let (mut redis, _, _) = connect(&servers, 1).await?;
-    stampedes(&servers, &mut redis).await?;
-    zipf(&servers, &mut redis, requests).await?;
+    if only.as_deref() != Some("zipf") {
+        stampedes(&servers, &mut redis).await?;
+    }
+    if only.as_deref() != Some("stampede") {
+        zipf(&servers, &mut redis, requests).await?;
+    }
     Ok(())
 }
