@@ -322,6 +322,62 @@ async fn a_stale_holder_does_not_overwrite_a_newer_value() {
     assert!(!exists(&mut redis, &lease_key).await);
 }
 
+/// A caller whose patience runs out behind a lease that is not released queries the
+/// database itself, and writes its answer only where nothing is: a value written
+/// meanwhile (here by the database service itself, as another writer would) stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_patience_a_caller_queries_and_writes_only_where_nothing_is() {
+    let name = "out_of_patience_a_caller_queries_and_writes_only_where_nothing_is";
+    let Some(servers) = Servers::for_test(name) else {
+        return;
+    };
+    let (mut redis, _, _) = connect(&servers, 1).await.unwrap();
+    let key = 150_401;
+    let lease_key = expire(&mut redis, key).await;
+    let _: () = redis::cmd("SET")
+        .arg(&lease_key)
+        .arg("stuck-instance:0")
+        .arg("PX")
+        .arg(10_000)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let config = LeaseConfig {
+        lease: Duration::from_secs(10),
+        patience: Duration::from_millis(200),
+        ..LeaseConfig::default()
+    };
+    let writer = redis.clone();
+    let db = service_fn(move |key: i64| {
+        let mut writer = writer.clone();
+        async move {
+            let () = redis::cmd("SET")
+                .arg(cache_key(key))
+                .arg("1:newer")
+                .query_async(&mut writer)
+                .await
+                .unwrap();
+            Ok(Some(row(key, "mine")))
+        }
+    });
+    let counters = Arc::new(LeaseCounters::default());
+    let svc = Lease::new(db, redis.clone(), config, counters.clone());
+    let answer = tokio::time::timeout(Duration::from_secs(5), svc.oneshot(key))
+        .await
+        .expect("patience bounds the wait, not the 10 s lease")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.digest, "mine");
+    assert_eq!(counters.impatient.load(Relaxed), 1);
+    assert_eq!(counters.taken.load(Relaxed), 0);
+    let cached: String = redis::cmd("GET")
+        .arg(cache_key(key))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(cached, "1:newer");
+}
+
 fn row(key: i64, digest: &str) -> Row {
     Row {
         key,

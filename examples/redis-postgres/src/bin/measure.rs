@@ -5,7 +5,8 @@
 //! cd examples/redis-postgres && cargo run --bin measure -- [REQUESTS] [CONCURRENCY] [POOL]
 //! ```
 //!
-//! For each launch policy (and `Concurrent` with `max_speculative` 1 and 2), with
+//! For each launch policy (and `Concurrent` with `max_speculative` 1 and 2, and with
+//! the database behind the example's `Lease`, whose refill is always on), with
 //! the refill off and then on: `REQUESTS` lookups
 //! (default 2000; at most 60 s each), `CONCURRENCY` at a time (default 4), over 1000
 //! keys of which 80% are in Redis at the start of each run, through a pool of `POOL`
@@ -31,10 +32,10 @@ use std::{
 
 use redis::aio::ConnectionManager;
 use redis_postgres::{
-    cache, connect, database, env::Servers, is_hit, pool, put, DbCounters, Error, Row, Source,
-    WriteBack, LOOKUP,
+    cache, connect, database, env::Servers, is_hit, pool, put, DbCounters, Error, Lease,
+    LeaseConfig, LeaseCounters, Row, Source, WriteBack, LOOKUP,
 };
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{util::BoxCloneService, Layer, Service, ServiceExt};
 use tower_backstop::{
     launch::{Adaptive, Launch},
     outcome::Stats,
@@ -113,6 +114,32 @@ where
     Ok(())
 }
 
+/// The cache in front of `db` under `launch`, at most `cap` speculative calls.
+fn boxed<D>(
+    db: D,
+    refill: Toggle,
+    launch: Launch,
+    cap: Option<usize>,
+    stats: &Stats,
+    redis: &ConnectionManager,
+) -> BoxCloneService<i64, Option<Row>, Error>
+where
+    D: Service<i64, Response = Option<Row>, Error = Error, Future: Send + 'static>
+        + Clone
+        + Send
+        + 'static,
+{
+    let mut layer = FallbackLayer::new(db)
+        .accept(is_hit)
+        .launch(launch)
+        .stats(stats.clone())
+        .refill(refill);
+    if let Some(cap) = cap {
+        layer = layer.max_speculative(cap);
+    }
+    BoxCloneService::new(layer.layer(cache(redis.clone())))
+}
+
 async fn rollbacks(monitor: &tokio_postgres::Client) -> i64 {
     monitor
         .query_one(
@@ -150,30 +177,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Stats::new(),
     );
 
-    // The last column: the layer's `max_speculative`, the cap on speculative
-    // fallback calls in flight (the pool holds `pool_size` connections).
-    let policies: Vec<(&str, Launch, Option<usize>)> = vec![
-        ("Sequential", Launch::Sequential, None),
-        ("Concurrent", Launch::Concurrent, None),
+    // The third column: the layer's `max_speculative`, the cap on speculative
+    // fallback calls in flight (the pool holds `pool_size` connections); the fourth:
+    // the database behind the example's `Lease`, which reads the value before it
+    // queries and refills itself (one row, the refill always on).
+    let policies: Vec<(&str, Launch, Option<usize>, bool)> = vec![
+        ("Sequential", Launch::Sequential, None, false),
+        ("Concurrent", Launch::Concurrent, None, false),
         (
             "Concurrent, max_speculative(1)",
             Launch::Concurrent,
             Some(1),
+            false,
         ),
         (
             "Concurrent, max_speculative(2)",
             Launch::Concurrent,
             Some(2),
+            false,
         ),
+        ("Concurrent, lease", Launch::Concurrent, None, true),
         (
             "Delayed(2 ms)",
             Launch::Delayed(Duration::from_millis(2)),
             None,
+            false,
         ),
         (
             "Adaptive(p90)",
             Launch::Adaptive(Adaptive::new(0.9, Duration::from_millis(2))),
             None,
+            false,
         ),
     ];
     println!(
@@ -182,38 +216,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("| policy | refill | hits | hit latency | misses | miss latency | queries sent | cancel requests | cancelled on server | wasted | speculation limited | queries per request |");
     println!("|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|");
-    let runs = policies.into_iter().flat_map(|(name, launch, cap)| {
-        [
-            (name, launch.clone(), cap, false),
-            (name, launch, cap, true),
-        ]
+    let runs = policies.into_iter().flat_map(|(name, launch, cap, lease)| {
+        let refills: &[bool] = if lease { &[true] } else { &[false, true] };
+        refills
+            .iter()
+            .map(move |&refill| (name, launch.clone(), cap, lease, refill))
     });
-    for (name, launch, cap, refill) in runs {
+    for (name, launch, cap, lease, refill) in runs {
         reset_cache(&mut redis, &warm).await?;
         let (pool, cancel_addr) = pool(&servers.database_url, pool_size)?;
         let counters = Arc::new(DbCounters::default());
         let stats = Stats::new();
-        let write_back = refill.then(|| WriteBack {
-            redis: redis.clone(),
-            stats: stats.clone(),
-        });
-        let mut layer = FallbackLayer::new(database(
+        let db = database(
             pool.clone(),
             cancel_addr,
             LOOKUP,
             counters.clone(),
             stats.clone(),
-        ))
-        .accept(is_hit)
-        .launch(launch)
-        .stats(stats.clone())
-        .refill(Toggle(write_back));
-        if let Some(cap) = cap {
-            layer = layer.max_speculative(cap);
-        }
-        let svc = ServiceBuilder::new()
-            .layer(layer)
-            .service(cache(redis.clone()));
+        );
+        let svc = if lease {
+            let leases = Arc::new(LeaseCounters::default());
+            let db = Lease::new(db, redis.clone(), LeaseConfig::default(), leases);
+            boxed(db, Toggle(None), launch, cap, &stats, &redis)
+        } else {
+            let write_back = refill.then(|| WriteBack {
+                redis: redis.clone(),
+                stats: stats.clone(),
+            });
+            boxed(db, Toggle(write_back), launch, cap, &stats, &redis)
+        };
         let rolled_back_before = rollbacks(&monitor).await;
         let next = Arc::new(AtomicUsize::new(0));
         let samples = Arc::new(Mutex::new((Vec::new(), Vec::new())));
@@ -265,7 +296,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let done = (hits.len() + misses.len()) as f64;
         println!(
             "| {name} | {} | {} | {} | {} | {} | {sent} | {} | {cancelled} | {} | {} | {:.2} |",
-            if refill { "on" } else { "off" },
+            match (lease, refill) {
+                (true, _) => "lease",
+                (false, true) => "on",
+                (false, false) => "off",
+            },
             hits.len(),
             percentiles(hits),
             misses.len(),
