@@ -290,7 +290,9 @@ where
             counters: self.counters.clone(),
         };
         let answer = self.inner.oneshot(names.key).await;
-        let mut redis = held.redis.take().expect("taken only here");
+        // Still armed while the refill or the release runs: a call dropped in the middle
+        // gives the lease back (a no-op if the script already ran: the token is gone).
+        let mut redis = held.redis.clone().expect("disarmed only below");
         match &answer {
             Ok(Some(row)) => {
                 let written: redis::RedisResult<i64> = script(REFILL, 2)
@@ -310,6 +312,7 @@ where
             // Nothing to write: let a waiter take over now rather than at expiry.
             _ => release(redis, &names.lease, &names.token, &self.counters).await,
         }
+        held.redis = None;
         answer
     }
 }
