@@ -315,18 +315,25 @@ mod collect;
 mod eligible;
 pub mod future;
 pub mod grpc;
+mod key;
 mod mark;
 pub mod read;
 #[cfg(feature = "axum")]
 mod reroute;
+#[cfg(feature = "time")]
+mod share;
 
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use self::reroute::{Reroute, RerouteLayer};
+#[cfg(feature = "time")]
+#[cfg_attr(docsrs, doc(cfg(feature = "time")))]
+pub use self::share::{ShareFuture, ShareResponse, ShareResponseLayer};
 pub use self::{
     body::ReplayBody,
     buffer::{BufferBody, BufferBodyLayer, DEFAULT_MAX_BYTES},
     eligible::{IdempotentMethods, SafeMethods},
+    key::{HttpKey, RequestKey, CREDENTIALS, DEFAULT_VARY},
     mark::{MarkFuture, MarkServedBy, MarkServedByLayer, ServedBy, X_SERVED_BY},
 };
 
