@@ -12,6 +12,7 @@ mod axum_stack;
 mod bad_input;
 mod buffer;
 mod cancel;
+mod coalesce_key;
 mod framing;
 // Reading a gRPC answer's first frame is bounded on tokio's timer (feature `time`).
 #[cfg(feature = "time")]
@@ -26,6 +27,9 @@ mod mark;
 mod read_body;
 #[cfg(feature = "time")]
 mod read_hostile;
+// Answers read whole to be shared, bounded on tokio's timer (feature `time`).
+#[cfg(feature = "time")]
+mod share;
 mod stacking;
 mod support;
 mod tonic_client;
