@@ -12,7 +12,12 @@ use http_body_util::{BodyExt, StreamBody};
 use std::{convert::Infallible, io, time::Duration};
 use tower::{service_fn, ServiceExt};
 use tower_backstop::{
-    http::{accept::StatusIn, read::IncompleteBody, ReplayBody, ShareResponse},
+    accept::{Accept, And},
+    http::{
+        accept::{AcceptBody, RejectBody, StatusIn},
+        read::IncompleteBody,
+        ReplayBody, ShareResponse,
+    },
     FallbackLayer,
 };
 
@@ -187,4 +192,34 @@ async fn share_responses_makes_an_axum_stacks_answers_clone() {
             .unwrap();
         assert_eq!(body, want);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_body_predicates_judge_a_shared_answer() {
+    let database = get(|| async { "row 7" });
+    // The cache answers `200` with an empty body on a miss.
+    let app = Router::new()
+        .route("/user/7", get(|| async {}))
+        .route("/user/8", get(|| async { "cached 8" }))
+        .layer(
+            FallbackLayer::new(database)
+                .accept(And::new(StatusIn::SUCCESS, RejectBody::EMPTY))
+                .share_responses()
+                .buffer_bodies(),
+        );
+    for (path, want) in [("/user/7", "row 7"), ("/user/8", "cached 8")] {
+        let request = Request::get(path).body(Body::empty()).unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(body, want);
+    }
+    // A marked answer is not a whole body, whatever its bytes.
+    let hit = AcceptBody::new(|_: &[u8]| true);
+    let mut marked = Response::new(ReplayBody::empty());
+    marked.extensions_mut().insert(IncompleteBody::TooLarge);
+    assert!(!Accept::<_, Infallible>::accept(&hit, &Ok(marked)));
+    let whole = Response::new(ReplayBody::new(Bytes::from_static(b"row")));
+    assert!(Accept::<_, Infallible>::accept(&hit, &Ok(whole)));
 }
