@@ -249,5 +249,53 @@ mod http_key {
             ],
         );
         assert_eq!(allocations_per_key(&key, &negotiated), (1, true));
+        // Still one: the vector is sized by a first scan, not grown.
+        let many = request(
+            Method::GET,
+            &[
+                (header::ACCEPT, "text/html"),
+                (header::ACCEPT, "application/json"),
+                (header::ACCEPT_ENCODING, "gzip"),
+                (header::ACCEPT_LANGUAGE, "en"),
+                (header::HOST, "api.example"),
+                (header::IF_NONE_MATCH, "\"v1\""),
+            ],
+        );
+        assert_eq!(allocations_per_key(&key, &many), (1, true));
+        let shared = HttpKey::new().share_credentialed();
+        assert_eq!(allocations_per_key(&shared, &cookie), (1, true));
+    }
+}
+
+/// What a waiter's copy of a shared answer costs: `Response::clone` allocates its
+/// header map anew (a fixed number of allocations, none for a head without fields)
+/// and never copies the body, whatever its size.
+mod shared_answer {
+    use super::*;
+    use http::{header, HeaderValue};
+
+    fn answer(body: Bytes, fields: bool) -> Response<ReplayBody> {
+        let mut response = Response::new(ReplayBody::new(body));
+        if fields {
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            headers.insert(header::ETAG, HeaderValue::from_static("\"v7\""));
+        }
+        response
+    }
+
+    fn clone_allocations(response: &Response<ReplayBody>) -> usize {
+        let mut copies = Vec::with_capacity(N);
+        allocations_in(|| copies.extend((0..N).map(|_| response.clone()))) / N
+    }
+
+    #[test]
+    fn a_copy_allocates_its_head_only() {
+        let big = Bytes::from(vec![7u8; 1 << 20]);
+        let _promoted = big.clone();
+        assert_eq!(clone_allocations(&answer(big.clone(), false)), 0);
+        let head = clone_allocations(&answer(Bytes::new(), true));
+        assert_eq!(clone_allocations(&answer(big, true)), head);
+        assert!(head <= 2, "{head} allocations for a head of two fields");
     }
 }

@@ -131,6 +131,26 @@ fn the_fields_that_vary_the_answer_are_in_the_key() {
             &[("accept", "application/json"), ("accept", "text/html")],
         ),
     );
+    // The order of different fields does not matter.
+    assert_shares(
+        &policy,
+        &get(
+            "/",
+            &[
+                ("accept", "text/html"),
+                ("accept-language", "en"),
+                ("host", "a"),
+            ],
+        ),
+        &get(
+            "/",
+            &[
+                ("host", "a"),
+                ("accept-language", "en"),
+                ("accept", "text/html"),
+            ],
+        ),
+    );
     // A value cannot pass for another field's.
     assert_apart(
         &policy,
