@@ -124,11 +124,11 @@ impl HttpKey {
 
     /// Also compares the values of the request field `name`: requests that differ in
     /// it (or in whether they have it) never share a call. Call it once per field your
-    /// fallback's answer depends on. A name already compared is not added twice.
-    /// Adding a field of [`CREDENTIALS`] does not make credentialed requests share:
-    /// that takes [`share_credentialed`](HttpKey::share_credentialed).
+    /// fallback's answer depends on. A name already compared is not added twice, and
+    /// a field of [`CREDENTIALS`] is not added at all: credentials are refused, or
+    /// compared once [`share_credentialed`](HttpKey::share_credentialed) is called.
     pub fn vary(mut self, name: HeaderName) -> Self {
-        if self.fields().any(|field| *field == name) {
+        if CREDENTIALS.contains(&name) || self.fields().any(|field| *field == name) {
             return self;
         }
         let extra = self.vary.as_deref().unwrap_or_default();
@@ -141,16 +141,17 @@ impl HttpKey {
     /// By default a request with `Authorization`, `Cookie` or `Proxy-Authorization`
     /// ([`CREDENTIALS`]) never shares: its answer is usually meant for that caller
     /// alone. After this call such requests are keyed too, **with the values of those
-    /// fields in the key**: requests share only when their credentials are equal byte
-    /// for byte, so one user's answer still never reaches another user. It is right
-    /// when the answer depends on the credentials and on nothing else of the caller's,
-    /// e.g. many concurrent requests from one client with one token.
+    /// fields in the key**: requests share only when all their credential fields are
+    /// equal byte for byte, so an answer reaches only callers that presented the same
+    /// credentials. That is right when the answer depends on the credentials and on
+    /// what else the key compares: many concurrent requests of one client with one
+    /// token, or a service token many callers share and get the same answers with.
     ///
-    /// It is wrong when the fallback answers by something the credentials map to that
-    /// is not in the request — a session that changes between two requests with one
-    /// cookie — or when one of several cookies decides the answer and differing
-    /// others would only cost sharing (then equal answers are not shared, which is
-    /// safe). Never use a closure key that drops the credentials instead.
+    /// It is wrong when something that is not a request field decides who may see
+    /// what: a client certificate (a TLS identity is not a header), the peer's
+    /// address, an extension an auth layer added. Those are not in the key. A cookie
+    /// that does not vary the answer only costs sharing, never safety. Never write a
+    /// closure key that drops the credentials instead.
     pub fn share_credentialed(mut self) -> Self {
         self.credentialed = true;
         self
