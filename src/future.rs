@@ -184,9 +184,16 @@ where
     /// the request is timed at all), inside the request's `tracing` span if it has one.
     #[inline(never)]
     fn poll_cold(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, E>> {
-        if let Some(cold) = self.as_mut().project().cold.get() {
+        // The first poll's budget deposit runs user code: guarded like the poll, so that
+        // a `deposit` that panics poisons the future.
+        if self.control.poisoned {
+            poisoned();
+        }
+        let mut guard = PoisonOnUnwind(self.as_mut());
+        if let Some(cold) = guard.0.as_mut().project().cold.get() {
             cold.new_poll();
         }
+        std::mem::forget(guard);
         // A clone: the poll goes on to update the tracker while the span is entered.
         #[cfg(feature = "tracing")]
         if let Some(span) = self.cold.span() {
@@ -327,7 +334,7 @@ where
                     // needed, like any other fallback error.
                     Poll::Ready(Err(error)) => {
                         if let Some(cold) = this.cold.get() {
-                            cold.tracker().fallback_unready();
+                            cold.fallback_unready();
                         }
                         if !primary_pending {
                             this.fallback.set(Branch::Done);

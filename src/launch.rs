@@ -178,10 +178,66 @@ impl SpeculationLimit {
 
     /// Gives back a slot taken by [`try_acquire`](SpeculationLimit::try_acquire).
     #[inline]
-    pub(crate) fn release(&self) {
+    fn release(&self) {
         self.0
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// One request's hold on its layer's [`SpeculationLimit`], if it may speculate under
+/// one: the handle, and whether it has a slot.
+///
+/// CORRECTNESS: dropping it gives the slot back, so that no way out of a request — a
+/// panicking outcome hook while it is abandoned, a cold part freed rather than
+/// pooled — can keep a slot for good.
+#[derive(Debug, Default)]
+pub(crate) struct LimitHold {
+    limit: Option<SpeculationLimit>,
+    holding: bool,
+}
+
+impl LimitHold {
+    /// This request may speculate under `limit`.
+    #[inline]
+    pub(crate) fn set(&mut self, limit: &SpeculationLimit) {
+        self.limit = Some(limit.clone());
+    }
+
+    /// Takes a slot for a speculative launch: `false` if every slot is taken. `true`
+    /// at once without a limit.
+    #[inline]
+    pub(crate) fn try_acquire(&mut self) -> bool {
+        match &self.limit {
+            None => true,
+            Some(limit) => {
+                self.holding = limit.try_acquire();
+                self.holding
+            }
+        }
+    }
+
+    /// The call is speculative no more, or no longer running: its slot goes back.
+    #[inline]
+    pub(crate) fn release(&mut self) {
+        if std::mem::take(&mut self.holding) {
+            if let Some(limit) = &self.limit {
+                limit.release();
+            }
+        }
+    }
+
+    /// Gives the slot back and the handle up: for a cold part about to be pooled.
+    #[inline]
+    pub(crate) fn clear(&mut self) {
+        self.release();
+        self.limit = None;
+    }
+}
+
+impl Drop for LimitHold {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -209,8 +265,8 @@ pub(crate) struct Settings {
     /// its flags cleared — for an ineligible request and for an eligible one: copied
     /// whole into the future at `call`, one word.
     starts: [Control; 2],
-    /// Whether every request needs a cold part at `call` (a `tracing` subscriber aside).
-    cold: bool,
+    /// Which requests need a cold part at `call` (a `tracing` subscriber aside).
+    cold: NeedsCold,
     /// Whether a request's cold part holds anything of the launch: a delay, patience, a
     /// budget or an adaptive sample (rather than observers alone).
     pub(crate) launch_state: bool,
@@ -256,7 +312,7 @@ impl Default for Settings {
             observers: None,
             clock: LatencyClock::Monotonic,
             starts: [Control::new(Plan::Now, Deferred::NONE); 2],
-            cold: false,
+            cold: NeedsCold::Never,
             launch_state: false,
         };
         settings.refresh();
@@ -349,8 +405,13 @@ impl Settings {
         let limited = self.limit.is_some();
         self.launch_state = launch || budget || limited;
         // Every request of a layer with a budget deposits into it, from its cold part; a
-        // speculative call under a limit holds its slot there.
-        self.cold = launch || budget || limited || self.observers.is_some();
+        // speculative call under a limit holds its slot there, and only a request that
+        // may speculate can take one.
+        self.cold = match (launch || budget || self.observers.is_some(), limited) {
+            (true, _) => NeedsCold::Always,
+            (false, true) => NeedsCold::IfSpeculating,
+            (false, false) => NeedsCold::Never,
+        };
         // What a cold part taken late is filled with: `Deferred::NONE` unless requests
         // take their cold part late. Such requests need none at `call`
         // (`cold` is `false`), and one at the first poll that needs it — to arm the
@@ -366,7 +427,7 @@ impl Settings {
         let late = None;
         let deferred = match late {
             Some(late) => {
-                self.cold = false;
+                self.cold = NeedsCold::Never;
                 late
             }
             None => Deferred::NONE,
@@ -399,13 +460,28 @@ impl Settings {
         self.starts[usize::from(eligible)]
     }
 
-    /// Whether a request needs anything beyond its plan at `call`: a timer, a budget to
-    /// deposit into and withdraw from, an adaptive sample, patience, an observer. (A
-    /// `tracing` subscriber is checked apart: only one that listens needs a cold part.)
+    /// Whether a request with this plan needs anything beyond the plan at `call`: a
+    /// timer, a budget to deposit into and withdraw from, a slot under the speculation
+    /// limit, an adaptive sample, patience, an observer. (A `tracing` subscriber is
+    /// checked apart: only one that listens needs a cold part.)
     #[inline]
-    pub(crate) fn needs_cold(&self) -> bool {
-        self.cold
+    pub(crate) fn needs_cold(&self, plan: Plan) -> bool {
+        match self.cold {
+            NeedsCold::Never => false,
+            NeedsCold::IfSpeculating => plan.may_speculate(),
+            NeedsCold::Always => true,
+        }
     }
+}
+
+/// Which requests need a cold part at `call`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NeedsCold {
+    Never,
+    /// Only requests that may speculate: a layer whose only option is a speculation
+    /// limit, whose slot a request that never speculates cannot take.
+    IfSpeculating,
+    Always,
 }
 
 /// The plan and the flags of a response future, in one word: one field for its

@@ -114,11 +114,18 @@
 //!
 //! Rust 1.85.
 
+// The layer and the service first: rustdoc lists their inherent methods in the order
+// it meets the impl blocks, so `new`, `accept` and `launch` come before the builder
+// methods the `http` module adds.
+mod layer;
+mod service;
+
 pub mod accept;
 #[cfg(feature = "budget")]
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
 pub mod budget;
 pub mod cancel;
+pub mod coalesce;
 #[doc(hidden)]
 pub mod feature;
 pub mod future;
@@ -126,10 +133,8 @@ pub mod future;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 pub mod launch;
-mod layer;
 pub mod outcome;
 pub mod refill;
-mod service;
 
 pub use crate::{layer::FallbackLayer, service::Fallback};
 

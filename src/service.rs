@@ -250,15 +250,20 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// request that finds every slot taken is served sequentially, as a budget refusal
     /// does (its outcome says [`Launched::LimitReached`](crate::launch::Launched::LimitReached),
     /// and [`Snapshot::speculation_limited`](crate::outcome::Snapshot::speculation_limited)
-    /// counts it): its fallback starts only if the primary is rejected.
+    /// counts it): its fallback starts only if the primary is rejected. The refusal is
+    /// final for that request — a slot freed a moment later does not start its
+    /// fallback early — as a budget's is.
     ///
     /// Where a budget bounds speculation's *rate*, this bounds what speculation holds
     /// of the fallback *at once* — pooled connections, server time — so that calls
     /// started for what turn out to be hits cannot crowd out the calls misses need.
     /// Size it below the fallback's pool: with a pool of `n` connections, `max` of
     /// `n / 2` or less leaves the rest to misses (`docs/redis-postgres.md` measures
-    /// this). `0` never speculates. Costs one atomic read-modify-write at a speculative
-    /// launch and one when its slot goes back.
+    /// this). `0` never speculates. Costs every request that may speculate a pooled
+    /// cold part holding a clone of the limit's handle (a reference-count increment and
+    /// decrement), and a speculative launch one atomic read-modify-write more to take
+    /// its slot and one to give it back. Requests that may not speculate
+    /// ([`speculate_if`](Fallback::speculate_if)) pay nothing.
     pub fn max_speculative(mut self, max: usize) -> Self {
         self.settings.set_max_speculative(max);
         self

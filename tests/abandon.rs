@@ -185,4 +185,39 @@ mod budget {
         drop(fut);
         assert_eq!((tally.0.load(SeqCst), tally.1.load(SeqCst)), (3, 2));
     }
+
+    /// A budget whose `deposit` panics.
+    struct Panicking;
+
+    impl tower::retry::budget::Budget for Panicking {
+        fn deposit(&self) {
+            panic!("deposit panics on purpose");
+        }
+        fn withdraw(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deposit_that_panics_poisons_the_future() {
+        use futures_util::FutureExt;
+        let mut svc = Fallback::new(
+            Probe::fixed("cache", 5, Reply::Value(1)),
+            Probe::fixed("db", 5, Reply::Value(2)),
+        )
+        .accept(hit)
+        .budget(Panicking);
+        let mut fut = Box::pin(svc.call(1));
+        let first = std::panic::AssertUnwindSafe(poll_once(&mut fut))
+            .catch_unwind()
+            .await;
+        assert!(first.is_err(), "the deposit's panic reaches the caller");
+        // Polled again, it never serves: it panics as a poisoned future.
+        let again = std::panic::AssertUnwindSafe(poll_once(&mut fut))
+            .catch_unwind()
+            .await;
+        let message = again.expect_err("a poisoned future panics");
+        let message = message.downcast_ref::<&str>().copied().unwrap_or_default();
+        assert!(message.contains("polled after it panicked"), "{message}");
+    }
 }

@@ -470,3 +470,44 @@ async fn a_slot_made_by_hand_always_runs_its_action() {
     assert_eq!(by_hand.seen(), [8]);
     assert!(layered.seen().is_empty());
 }
+
+/// A hand-written call future that keeps its filled slot after answering: the slot is
+/// dropped only with the future, outside any poll.
+struct KeepsItsSlot<C: Cancel<u64>> {
+    slot: Slot<u64, C>,
+    answered: bool,
+}
+
+impl<C: Cancel<u64> + Unpin> Future for KeepsItsSlot<C> {
+    type Output = Result<u64, Infallible>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        assert!(!self.answered, "polled after it answered");
+        self.answered = true;
+        Poll::Ready(Ok(*self.slot.get().expect("filled in call")))
+    }
+}
+
+#[test]
+fn a_future_that_keeps_its_slot_after_answering_runs_nothing() {
+    let (cancelled, stats) = (Cancelled::default(), Stats::new());
+    let mut db = OnCancelLayer::new(cancelled.action())
+        .stats(stats.clone())
+        .layer(service_fn(|(key, mut slot): (u64, Slot<u64, _>)| {
+            slot.fill(key);
+            KeepsItsSlot {
+                slot,
+                answered: false,
+            }
+        }));
+    let mut cx = Context::from_waker(noop_waker_ref());
+    let mut fut = Box::pin(db.call(3));
+    assert_eq!(fut.as_mut().poll(&mut cx), Poll::Ready(Ok(3)));
+    // Dropped after it answered, as `Fallback` drops a served branch's spent future.
+    drop(fut);
+    assert!(
+        cancelled.seen().is_empty(),
+        "a call that answered was cancelled"
+    );
+    assert_eq!(stats.snapshot().cancels, 0);
+}

@@ -198,3 +198,104 @@ mod read_primary_body {
         assert!(count >= 1, "the counter sees the buffer being allocated");
     }
 }
+
+/// `HttpKey`: a request it refuses costs no allocation; a keyed one at most one, for
+/// its field values (the URI, method and values are `from_static`: their clones are
+/// free, as hyper's shared buffers are).
+mod http_key {
+    use super::*;
+    use http::{header, HeaderValue, Method, Uri};
+    use tower_backstop::{coalesce::CoalesceKey, http::HttpKey};
+
+    fn request(
+        method: Method,
+        fields: &[(header::HeaderName, &'static str)],
+    ) -> Request<ReplayBody> {
+        let mut req = Request::new(ReplayBody::empty());
+        *req.method_mut() = method;
+        *req.uri_mut() = Uri::from_static("http://api.example/item/7?v=2");
+        for (name, value) in fields {
+            req.headers_mut()
+                .append(name, HeaderValue::from_static(value));
+        }
+        req
+    }
+
+    fn allocations_per_key(key: &HttpKey, req: &Request<ReplayBody>) -> (usize, bool) {
+        let mut keyed = false;
+        let count = allocations_in(|| {
+            for _ in 0..N {
+                keyed = key.key(req).is_some();
+            }
+        });
+        (count / N, keyed)
+    }
+
+    #[test]
+    fn a_refused_request_allocates_nothing_and_a_keyed_one_at_most_once() {
+        let key = HttpKey::new();
+        let cookie = request(Method::GET, &[(header::COOKIE, "id=1")]);
+        assert_eq!(allocations_per_key(&key, &cookie), (0, false));
+        let post = request(Method::POST, &[]);
+        assert_eq!(allocations_per_key(&key, &post), (0, false));
+        let bare = request(Method::GET, &[]);
+        assert_eq!(allocations_per_key(&key, &bare), (0, true));
+        let negotiated = request(
+            Method::GET,
+            &[
+                (header::ACCEPT, "application/json"),
+                (header::ACCEPT_ENCODING, "gzip"),
+                (header::HOST, "api.example"),
+            ],
+        );
+        assert_eq!(allocations_per_key(&key, &negotiated), (1, true));
+        // Still one: the vector is sized by a first scan, not grown.
+        let many = request(
+            Method::GET,
+            &[
+                (header::ACCEPT, "text/html"),
+                (header::ACCEPT, "application/json"),
+                (header::ACCEPT_ENCODING, "gzip"),
+                (header::ACCEPT_LANGUAGE, "en"),
+                (header::HOST, "api.example"),
+                (header::IF_NONE_MATCH, "\"v1\""),
+            ],
+        );
+        assert_eq!(allocations_per_key(&key, &many), (1, true));
+        let shared = HttpKey::new().share_credentialed();
+        assert_eq!(allocations_per_key(&shared, &cookie), (1, true));
+    }
+}
+
+/// What a waiter's copy of a shared answer costs: `Response::clone` allocates its
+/// header map anew (a fixed number of allocations, none for a head without fields)
+/// and never copies the body, whatever its size.
+mod shared_answer {
+    use super::*;
+    use http::{header, HeaderValue};
+
+    fn answer(body: Bytes, fields: bool) -> Response<ReplayBody> {
+        let mut response = Response::new(ReplayBody::new(body));
+        if fields {
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            headers.insert(header::ETAG, HeaderValue::from_static("\"v7\""));
+        }
+        response
+    }
+
+    fn clone_allocations(response: &Response<ReplayBody>) -> usize {
+        let mut copies = Vec::with_capacity(N);
+        allocations_in(|| copies.extend((0..N).map(|_| response.clone()))) / N
+    }
+
+    #[test]
+    fn a_copy_allocates_its_head_only() {
+        let big = Bytes::from(vec![7u8; 1 << 20]);
+        let _promoted = big.clone();
+        assert_eq!(clone_allocations(&answer(big.clone(), false)), 0);
+        let head = clone_allocations(&answer(Bytes::new(), true));
+        assert_eq!(clone_allocations(&answer(big, true)), head);
+        assert!(head <= 2, "{head} allocations for a head of two fields");
+    }
+}

@@ -135,3 +135,81 @@ async fn zero_never_speculates() {
     assert_eq!(db_calls.started(), 0);
     assert_eq!(svc.oneshot(200).await.unwrap().from, "db");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_primary_gives_its_slot_back_while_the_misses_call_runs() {
+    let db = Probe::fixed("db", 50, Reply::Value(7));
+    let db_calls = db.counts();
+    let stats = Stats::new();
+    let mut svc = Fallback::new(cache(), db)
+        .accept(hit)
+        .max_speculative(1)
+        .stats(stats.clone());
+    // A miss: speculates, its primary is rejected at 10 ms, its call runs to 50 ms.
+    let mut miss = Box::pin(svc.call(200));
+    assert!(poll_once(&mut miss).await.is_pending());
+    tokio::time::sleep(ms(11)).await;
+    assert!(poll_once(&mut miss).await.is_pending());
+    // Its call is a miss's now, not speculation: the slot is free for the next one.
+    let mut next = Box::pin(svc.call(1));
+    assert!(poll_once(&mut next).await.is_pending());
+    assert_eq!(db_calls.started(), 2);
+    assert_eq!(stats.snapshot().speculation_limited, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fallback_that_fails_readiness_holds_no_slot() {
+    use std::task::{Context, Poll};
+    /// A fallback whose readiness always fails.
+    #[derive(Clone)]
+    struct Unready;
+    impl Service<u64> for Unready {
+        type Response = support::Answer;
+        type Error = support::ProbeError;
+        type Future = std::future::Ready<Result<support::Answer, support::ProbeError>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Err(support::ProbeError("db")))
+        }
+        fn call(&mut self, _: u64) -> Self::Future {
+            unreachable!("never ready")
+        }
+    }
+    let stats = Stats::new();
+    let slow_cache = Probe::fixed("cache", 1_000, Reply::Value(1));
+    let mut svc = Fallback::new(slow_cache, Unready)
+        .accept(hit)
+        .max_speculative(1)
+        .stats(stats.clone());
+    let mut first = Box::pin(svc.call(1));
+    assert!(poll_once(&mut first).await.is_pending());
+    // The first request's fallback failed readiness: it runs nothing and needs no slot.
+    let mut second = Box::pin(svc.call(2));
+    assert!(poll_once(&mut second).await.is_pending());
+    drop((first, second));
+    assert_eq!(stats.snapshot().speculation_limited, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hook_that_panics_on_an_abandoned_request_leaks_no_slot() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let db = Probe::fixed("db", 50, Reply::Value(7));
+    let db_calls = db.counts();
+    let panicked = std::sync::Arc::new(AtomicBool::new(false));
+    let once = panicked.clone();
+    let mut svc = Fallback::new(Probe::fixed("cache", 1_000, Reply::Value(1)), db)
+        .accept(hit)
+        .max_speculative(1)
+        .on_outcome(move |o: &tower_backstop::outcome::Outcome| {
+            if o.served == Served::Abandoned && !once.swap(true, SeqCst) {
+                panic!("the hook panics once, on purpose");
+            }
+        });
+    let mut first = Box::pin(svc.call(1));
+    assert!(poll_once(&mut first).await.is_pending());
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(first)));
+    assert!(dropped.is_err() && panicked.load(SeqCst));
+    // The slot came back before the hook ran: the next request speculates.
+    let mut next = Box::pin(svc.call(2));
+    assert!(poll_once(&mut next).await.is_pending());
+    assert_eq!(db_calls.started(), 2);
+}

@@ -159,6 +159,26 @@ fn readme_snippets_are_doc_tests() {
 }
 
 #[test]
+fn readme_snippets_paste_as_shown() {
+    // rustdoc hides `# ` lines, GitHub and crates.io show them: a snippet with one does
+    // not compile where a reader copies it from. Every line of a Rust block is real.
+    let readme = read("README.md");
+    let mut in_rust = false;
+    for (n, line) in readme.lines().enumerate() {
+        if let Some(fence) = line.strip_prefix("```") {
+            in_rust = !in_rust && fence.starts_with("rust");
+            continue;
+        }
+        let hidden = line == "#" || line.starts_with("# ");
+        assert!(
+            !(in_rust && hidden),
+            "README.md line {}: a hidden doc-test line, which a reader cannot paste: {line}",
+            n + 1
+        );
+    }
+}
+
+#[test]
 fn readme_commands_pass_the_features_they_need() {
     // Commands wrap across lines in the README: read it as one line of words.
     let readme = read("README.md")

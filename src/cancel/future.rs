@@ -17,17 +17,23 @@ pin_project! {
     /// that the call's [`Slot`](super::Slot), if the call's own code drops it (the call
     /// answered, or returned early), knows not to run its action. It adds nothing else:
     /// the output is the inner future's, and dropping it drops the inner future, whose
-    /// slot, still filled, then runs its action.
+    /// slot, still filled, then runs its action. An inner future that answers is
+    /// dropped at once, still marked: a future that keeps its slot after answering (a
+    /// hand-written one, with the slot a field) runs no action either.
     pub struct ResponseFuture<F> {
+        // `None` once it answered.
         #[pin]
-        inner: F,
+        inner: Option<F>,
         call: CallId,
     }
 }
 
 impl<F> ResponseFuture<F> {
     pub(super) fn new(inner: F, call: CallId) -> Self {
-        ResponseFuture { inner, call }
+        ResponseFuture {
+            inner: Some(inner),
+            call,
+        }
     }
 }
 
@@ -36,9 +42,17 @@ impl<F: Future> Future for ResponseFuture<F> {
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
+        let mut this = self.project();
         let _running = Running::enter(*this.call);
-        this.inner.poll(cx)
+        let inner = this
+            .inner
+            .as_mut()
+            .as_pin_mut()
+            .expect("`cancel::ResponseFuture` polled after completion");
+        let output = std::task::ready!(inner.poll(cx));
+        // CORRECTNESS: dropped while still marked, whatever it holds: the call answered.
+        this.inner.set(None);
+        Poll::Ready(output)
     }
 }
 

@@ -65,10 +65,9 @@ struct Parts {
     /// The request may still withdraw, once.
     #[cfg(feature = "budget")]
     may_withdraw: bool,
-    /// The layer's cap on speculative calls in flight, held by a request that may
-    /// speculate under one; `holding` while its speculative call has a slot.
-    limit: Option<crate::launch::SpeculationLimit>,
-    holding: bool,
+    /// The layer's cap on speculative calls in flight, for a request that may
+    /// speculate under one, and its slot while it holds one.
+    limit: crate::launch::LimitHold,
     /// Times the primary for an adaptive launch, if this request is sampled.
     #[cfg(feature = "adaptive")]
     sampler: crate::launch::adaptive::Sampler,
@@ -86,7 +85,7 @@ impl ColdSlot {
     /// The cold part a request planned as `plan` needs under `settings`, if any.
     #[inline]
     pub(crate) fn new(settings: &Settings, plan: Plan) -> Self {
-        let needed = settings.needs_cold();
+        let needed = settings.needs_cold(plan);
         if !needed && !tracing_may_listen() {
             return ColdSlot(None);
         }
@@ -156,17 +155,6 @@ impl Parts {
             budget.deposit();
         }
     }
-
-    /// The request's call is no longer speculative, or no longer running: its slot
-    /// under the layer's limit, if it holds one, goes back.
-    #[inline]
-    fn release_speculation(&mut self) {
-        if std::mem::take(&mut self.holding) {
-            if let Some(limit) = &self.limit {
-                limit.release();
-            }
-        }
-    }
 }
 
 impl Cold {
@@ -208,7 +196,7 @@ impl Cold {
             }
         }
         if let (Some(limit), true) = (&settings.limit, plan.may_speculate()) {
-            parts.limit = Some(limit.clone());
+            parts.limit.set(limit);
             parts.filled = true;
         }
         #[cfg(feature = "budget")]
@@ -259,13 +247,14 @@ impl Cold {
         // or a timeout fired) cut the primary short.
         #[cfg(feature = "adaptive")]
         this.parts.sampler.record_at_least();
+        // The slot goes back before any user code runs.
+        this.parts.limit.release();
         // Runs the outcome hook, which may panic: then the cold part is simply freed.
         this.parts.tracker.abandon();
         // Only a part filled with something of the launch holds anything more to empty.
         if std::mem::take(&mut this.parts.filled) {
             this.timer.set(None);
-            this.parts.release_speculation();
-            this.parts.limit = None;
+            this.parts.limit.clear();
             // The budget goes before the part is pooled: a pooled part keeps no handle
             // that may run user code when dropped (a `Stats` or an `Adaptive` is only
             // data).
@@ -304,9 +293,7 @@ impl Cold {
         this.parts.tracker.primary_answered();
         // Accepted, the fallback is dropped; rejected, its call is a miss's: speculative
         // no more.
-        if this.parts.holding {
-            this.parts.release_speculation();
-        }
+        this.parts.limit.release();
         // Neither a launch delay nor the patience bound applies any more.
         if this.timer.is_some() {
             this.timer.set(None);
@@ -332,6 +319,14 @@ impl Cold {
         if parts.deposit_due {
             parts.deposit();
         }
+    }
+
+    /// The fallback's `poll_ready` failed: it never ran, and needs no slot.
+    #[inline(never)]
+    pub(crate) fn fallback_unready(self: Pin<&mut Self>) {
+        let parts = self.project().parts;
+        parts.tracker.fallback_unready();
+        parts.limit.release();
     }
 
     /// The request's record, to update.
@@ -403,19 +398,16 @@ impl Cold {
     #[inline(never)]
     pub(crate) fn withdraw(self: Pin<&mut Self>) -> Option<Launched> {
         let parts = self.project().parts;
-        if let Some(limit) = &parts.limit {
-            if !limit.try_acquire() {
-                parts.tracker.speculation_limited();
-                return Some(Launched::LimitReached);
-            }
-            parts.holding = true;
+        if !parts.limit.try_acquire() {
+            parts.tracker.speculation_limited();
+            return Some(Launched::LimitReached);
         }
         #[cfg(feature = "budget")]
         {
             if let (true, Some(budget)) = (std::mem::take(&mut parts.may_withdraw), &parts.budget) {
                 if !budget.withdraw() {
                     parts.tracker.budget_refused();
-                    parts.release_speculation();
+                    parts.limit.release();
                     return Some(Launched::BudgetRefused);
                 }
             }
@@ -430,7 +422,7 @@ impl Cold {
         let this = self.project();
         this.parts.tracker.fallback_answered(true);
         // Its work is done: a call no longer running needs no slot.
-        this.parts.release_speculation();
+        this.parts.limit.release();
         #[cfg(feature = "time")]
         if let (Some(patience), true) = (this.parts.patience, ok) {
             let mut timer = this.timer;

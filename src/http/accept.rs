@@ -92,6 +92,45 @@ fn complete<B, E>(result: &Result<Response<B>, E>) -> Option<&Response<B>> {
         .filter(|response| !IncompleteBody::is_marked(response))
 }
 
+/// Rejects every response marked [`IncompleteBody`]; judges the others with `A`.
+///
+/// The predicates of this module reject such a response already, but
+/// [`AcceptOk`](crate::accept::AcceptOk) (the layer's default), a closure, or a
+/// [`Not`](crate::accept::Not) of a rejection would accept it, and the caller would
+/// wait on a body that stalled. Wrap them in `Complete` whenever the layer uses
+/// [`read_primary_body`](crate::FallbackLayer::read_primary_body) or
+/// [`peek_grpc_status`](crate::FallbackLayer::peek_grpc_status):
+///
+/// ```
+/// use http::Response;
+/// use std::convert::Infallible;
+/// use tower_backstop::{accept::Accept, http::{accept::Complete, read::IncompleteBody}};
+///
+/// type Answer = Result<Response<String>, Infallible>;
+/// let fresh = Complete(|r: &Answer| {
+///     r.as_ref().is_ok_and(|res| !res.headers().contains_key("x-stale"))
+/// });
+/// let mut stalled = Response::new(String::new());
+/// stalled.extensions_mut().insert(IncompleteBody::TimedOut);
+/// assert!(!fresh.accept(&Ok(stalled)));
+/// assert!(fresh.accept(&Ok(Response::new(String::new()))));
+/// ```
+///
+/// Available with the `http` feature.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Complete<A>(pub A);
+
+impl<A, B, E> Accept<Response<B>, E> for Complete<A>
+where
+    A: Accept<Response<B>, E>,
+{
+    #[inline]
+    fn accept(&self, result: &Result<Response<B>, E>) -> bool {
+        !matches!(result, Ok(response) if IncompleteBody::is_marked(response))
+            && self.0.accept(result)
+    }
+}
+
 /// Accepts an `Ok` response whose status is in a range; rejects other statuses,
 /// every `Err` and every [`IncompleteBody`].
 ///

@@ -85,6 +85,73 @@
 //! sends `200` headers and then nothing within its wait is rejected the same way. See
 //! the [`read`] module.
 //!
+//! # Coalescing
+//!
+//! Requests that coalesce share one fallback call, and each gets the same answer. Two
+//! pieces make that safe and possible for HTTP:
+//!
+//! - **[`HttpKey`], the key.** Two requests share a call only if their method, URI and
+//!   the request fields that vary the answer ([`DEFAULT_VARY`]: content negotiation,
+//!   `Host`, ranges, conditionals; more with [`vary`](HttpKey::vary)) are equal. It
+//!   never keys a request that is not `GET` or `HEAD`, that may have a body, or that
+//!   carries credentials (`Authorization`, `Cookie`, `Proxy-Authorization`), unless
+//!   told to with [`share_credentialed`](HttpKey::share_credentialed), which puts the
+//!   credentials in the key. **A key that leaves out what varies the answer hands one
+//!   caller's response to another**: with credentials, a data leak. Add every field
+//!   your fallback answers by; see [`HttpKey`] for what it cannot see.
+//! - **[`ShareResponse`], the answer** (features `http` and `time`). Each waiter gets
+//!   a clone of the answer, and an `http::Response` with a streamed body cannot be
+//!   cloned. `ShareResponse` reads the body whole (1 MiB, 1 second by default, the
+//!   reader of [`read_primary_body`](crate::FallbackLayer::read_primary_body)) into a
+//!   [`ReplayBody`]: `http::Response<ReplayBody>` is `Clone`, `Send` and `Sync`, and a
+//!   clone shares the bytes. A body over the cap, failed or stalled is answered
+//!   `502 Bad Gateway` marked [`IncompleteBody`](read::IncompleteBody), the same for
+//!   every waiter. [`share_responses`](crate::FallbackLayer::share_responses) puts
+//!   one on each branch, so that both answer the same `Clone` type — what a
+//!   [`Fallback`] needs of its two branches — and an axum stack type-checks as it is:
+//!
+//! ```
+//! # #[cfg(feature = "time")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use axum::{body::Body, http::{header, Request, StatusCode}, routing::get, Router};
+//! use tower::ServiceExt;
+//! use tower_backstop::{
+//!     coalesce::CoalesceKey,
+//!     http::{accept::StatusIn, HttpKey},
+//!     FallbackLayer,
+//! };
+//!
+//! // The fallback answers by tenant too: that field goes in the key.
+//! let key = HttpKey::new().vary(header::HeaderName::from_static("x-tenant"));
+//! let get_item = |tenant: &'static str| {
+//!     Request::get("/item/7").header("x-tenant", tenant).body(Body::empty()).unwrap()
+//! };
+//! assert_eq!(key.key(&get_item("a")), key.key(&get_item("a")));
+//! assert_ne!(key.key(&get_item("a")), key.key(&get_item("b")));
+//!
+//! let database = get(|| async { "row 7" });
+//! let app = Router::new().route("/item/7", get(|| async { StatusCode::NOT_FOUND })).layer(
+//!     FallbackLayer::new(database)
+//!         .accept(StatusIn::SUCCESS)
+//!         // Both branches answer `Response<ReplayBody>`, which clones.
+//!         .share_responses()
+//!         .buffer_bodies(),
+//! );
+//! let response = app.oneshot(get_item("a")).await.unwrap();
+//! assert_eq!(axum::body::to_bytes(response.into_body(), 64).await.unwrap(), "row 7");
+//! # let _ = key;
+//! # }
+//! # #[cfg(not(feature = "time"))]
+//! # fn main() {}
+//! ```
+//!
+//! To share the fallback's answers without reading the primary's body, put
+//! [`ShareResponseLayer`] on the fallback alone, inside the coalescing, and turn its
+//! `Response<ReplayBody>` back into the primary's response type outside it (in axum,
+//! `map_response(|r: Response<ReplayBody>| r.map(axum::body::Body::new))`): each
+//! waiter then converts its own clone.
+//!
 //! # axum
 //!
 //! `Router::layer` and `Router::route_layer` take the layer with one more builder
@@ -315,18 +382,25 @@ mod collect;
 mod eligible;
 pub mod future;
 pub mod grpc;
+mod key;
 mod mark;
 pub mod read;
 #[cfg(feature = "axum")]
 mod reroute;
+#[cfg(feature = "time")]
+mod share;
 
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use self::reroute::{Reroute, RerouteLayer};
+#[cfg(feature = "time")]
+#[cfg_attr(docsrs, doc(cfg(feature = "time")))]
+pub use self::share::{ShareFuture, ShareResponse, ShareResponseLayer};
 pub use self::{
     body::ReplayBody,
     buffer::{BufferBody, BufferBodyLayer, DEFAULT_MAX_BYTES},
     eligible::{IdempotentMethods, SafeMethods},
+    key::{HttpKey, RequestKey, CREDENTIALS, DEFAULT_VARY},
     mark::{MarkFuture, MarkServedBy, MarkServedByLayer, ServedBy, X_SERVED_BY},
 };
 

@@ -470,3 +470,48 @@ async fn reading_combines_with_marking_in_either_order() {
     assert_eq!(response.headers()[X_SERVED_BY], "fallback");
     assert_eq!(replay(response.into_body()).await.0, "row");
 }
+
+/// A body that trickles: one byte every 10 ms, `left` of them, then its end.
+struct Trickle {
+    left: usize,
+    tick: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Body for Trickle {
+    type Data = Bytes;
+    type Error = &'static str;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Sent>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        std::task::ready!(self.tick.as_mut().poll(cx));
+        self.left -= 1;
+        let next = Instant::now() + Duration::from_millis(10);
+        self.tick.as_mut().reset(next);
+        Poll::Ready(Some(data("x")))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_keeps_sending_is_bounded_by_max_wait_from_the_first_wait() {
+    // 100 bytes at one every 10 ms take a second; the bound is 35 ms, however steadily
+    // bytes arrive: it does not start again with each chunk.
+    let body = Trickle {
+        left: 100,
+        tick: Box::pin(tokio::time::sleep(Duration::from_millis(10))),
+    };
+    let layer = ReadBodyLayer::new().max_wait(Duration::from_millis(35));
+    let server = answers(Response::new(body));
+    let start = Instant::now();
+    let response = layer.layer(server).oneshot(()).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(35));
+    assert_eq!(
+        response.extensions().get::<IncompleteBody>(),
+        Some(&IncompleteBody::TimedOut)
+    );
+    assert_eq!(response.body().read_ahead(), "xxx");
+    // Nothing is lost: the caller gets the rest, byte for byte.
+    let rest = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(rest.len(), 100);
+}

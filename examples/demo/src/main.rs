@@ -25,7 +25,9 @@
 //!
 //! It prints a table ([`report`]) — latency percentiles measured by the load
 //! generator, throughput, the queries the database actually ran, and the layer's own
-//! counters — and writes a latency CDF to `target/demo-latency.svg`.
+//! counters — and writes a latency CDF to `target/demo-latency-http2.svg` (with
+//! `--http1`, `target/demo-latency-http1.svg`: one file per protocol, so two runs can
+//! be compared).
 //!
 //! # The simulated network
 //!
@@ -72,8 +74,15 @@ use tower_backstop::{
     FallbackLayer,
 };
 
-/// Where the latency plot goes, relative to the working directory.
-const PLOT: &str = "target/demo-latency.svg";
+/// Where the latency plot goes, relative to the working directory: one file per
+/// protocol, so that an `--http1` run does not overwrite the HTTP/2 one.
+fn plot_path(http2: bool) -> &'static str {
+    if http2 {
+        "target/demo-latency-http2.svg"
+    } else {
+        "target/demo-latency-http1.svg"
+    }
+}
 
 const HELP: &str = "\
 The tower-backstop demo: a cache in front of a SQLite database, over HTTP on 127.0.0.1,
@@ -95,7 +104,8 @@ FLAGS:
     -h, --help        print this help
 
 Latencies are sleeps inside the handlers, lognormal with a slow tail; tokio's timer
-rounds each one up to the next millisecond. The plot is written to target/demo-latency.svg.";
+rounds each one up to the next millisecond. The plot is written to
+target/demo-latency-http2.svg (target/demo-latency-http1.svg with --http1); its path is printed.";
 
 // ---------------------------------------------------------------------------------------
 // Configuration
@@ -323,7 +333,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
         println!("{bad} answers were errors or wrong: see the lines above the table.");
     }
 
-    let plot = Path::new(PLOT);
+    let plot_name = plot_path(config.http2);
+    let plot = Path::new(plot_name);
     if let Some(dir) = plot.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -331,7 +342,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     println!();
     println!(
         "Latency CDF: {}",
-        std::fs::canonicalize(plot).map_or_else(|_| PLOT.into(), |p| p.display().to_string())
+        std::fs::canonicalize(plot).map_or_else(|_| plot_name.into(), |p| p.display().to_string())
     );
 
     drop((cache_client, db_client));

@@ -105,6 +105,16 @@ impl<B: Body> ReadAheadBody<B> {
         &self.data
     }
 
+    /// The whole body's data and trailers, when it was read to its end and not yet
+    /// polled: what [`ShareResponse`](crate::http::ShareResponse) keeps.
+    pub(crate) fn into_whole(self) -> Option<(Bytes, Option<HeaderMap>)> {
+        if self.whole {
+            Some((self.data, self.trailers))
+        } else {
+            None
+        }
+    }
+
     /// Returns a reference to the original body.
     pub fn get_ref(&self) -> &B {
         &self.inner

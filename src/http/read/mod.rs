@@ -69,12 +69,14 @@ pub use self::{
 
 /// A response extension: the body could not be read as far as the reader wanted —
 /// [`ReadBody`] to its end, [`PeekGrpcStatus`](crate::http::grpc::PeekGrpcStatus) to
-/// its first message or trailers.
+/// its first message or trailers, [`ShareResponse`](crate::http::ShareResponse) to its
+/// end (which then answers `502 Bad Gateway` with an empty body in its place).
 ///
 /// Every predicate of [`http::accept`](crate::http::accept) rejects a response that
 /// carries one. A predicate of your own checks for it with
-/// `response.extensions().get::<IncompleteBody>()`. A response that stands anyway
-/// loses nothing: what was read is replayed, then the rest of the body (or its error).
+/// `response.extensions().get::<IncompleteBody>()`. A response of `ReadBody` or the
+/// peek that stands anyway loses nothing: what was read is replayed, then the rest of
+/// the body (or its error).
 ///
 /// Available with the `http` feature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,7 +1,13 @@
 //! Predicates over the body the reader read whole, re-exported in
 //! [`http::accept`](crate::http::accept).
 
-use crate::{accept::Accept, http::read::ReadAheadBody};
+use crate::{
+    accept::Accept,
+    http::{
+        read::{IncompleteBody, ReadAheadBody},
+        ReplayBody,
+    },
+};
 use http::Response;
 use std::fmt;
 
@@ -10,8 +16,19 @@ fn whole<B: http_body::Body, E>(result: &Result<Response<ReadAheadBody<B>>, E>) 
     result.as_ref().ok()?.body().whole().map(|bytes| &bytes[..])
 }
 
+/// The data of an `Ok` answer that [`ShareResponse`](crate::http::ShareResponse) read
+/// whole (one it could not read is marked, and its body empty).
+fn shared<E>(result: &Result<Response<ReplayBody>, E>) -> Option<&[u8]> {
+    let response = result.as_ref().ok()?;
+    if IncompleteBody::is_marked(response) {
+        return None;
+    }
+    Some(&response.body().data()[..])
+}
+
 /// Accepts an `Ok` response whose whole body, as
-/// [`read_primary_body`](crate::FallbackLayer::read_primary_body) read it, passes a
+/// [`read_primary_body`](crate::FallbackLayer::read_primary_body) (or
+/// [`share_responses`](crate::FallbackLayer::share_responses)) read it, passes a
 /// test on its bytes; rejects every `Err`, and every response whose body was not
 /// read whole (it stalled, ran over the cap, failed — see
 /// [`IncompleteBody`](crate::http::read::IncompleteBody) — or was not read).
@@ -51,6 +68,17 @@ where
     }
 }
 
+/// The same test on an answer that [`share_responses`](crate::FallbackLayer::share_responses)
+/// read whole.
+impl<F, E> Accept<Response<ReplayBody>, E> for AcceptBody<F>
+where
+    F: Fn(&[u8]) -> bool,
+{
+    fn accept(&self, result: &Result<Response<ReplayBody>, E>) -> bool {
+        shared(result).is_some_and(|bytes| (self.0)(bytes))
+    }
+}
+
 impl<F> fmt::Debug for AcceptBody<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("AcceptBody")
@@ -60,7 +88,8 @@ impl<F> fmt::Debug for AcceptBody<F> {
 }
 
 /// Rejects an `Ok` response whose whole body, as
-/// [`read_primary_body`](crate::FallbackLayer::read_primary_body) read it, is
+/// [`read_primary_body`](crate::FallbackLayer::read_primary_body) (or
+/// [`share_responses`](crate::FallbackLayer::share_responses)) read it, is
 /// exactly these bytes; accepts other whole bodies, and rejects every `Err` and
 /// every response whose body was not read whole (see [`AcceptBody`]).
 ///
@@ -97,5 +126,13 @@ where
 {
     fn accept(&self, result: &Result<Response<ReadAheadBody<B>>, E>) -> bool {
         whole(result).is_some_and(|bytes| bytes != self.0)
+    }
+}
+
+/// The same test on an answer that [`share_responses`](crate::FallbackLayer::share_responses)
+/// read whole.
+impl<E> Accept<Response<ReplayBody>, E> for RejectBody {
+    fn accept(&self, result: &Result<Response<ReplayBody>, E>) -> bool {
+        shared(result).is_some_and(|bytes| bytes != self.0)
     }
 }

@@ -63,7 +63,9 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 /// [`IncompleteBody`](super::IncompleteBody), so under [`Launch::Concurrent`]
 /// (the default) the fallback, which has been running all along, serves.
 /// [`AcceptOk`](crate::accept::AcceptOk), the layer's default predicate, judges only
-/// `Ok` against `Err` and would accept it: give the layer a predicate. A
+/// `Ok` against `Err` and would accept it, and so would a closure of yours or a
+/// [`Not`](crate::accept::Not) of a rejection: **give the layer one of these predicates,
+/// or wrap yours in [`Complete`](crate::http::accept::Complete)**. A
 /// [`patience`](FallbackLayer::patience) bound counts the reading too: a successful
 /// fallback answer waits that long for the primary's body, not `max_wait`. So do the
 /// primary's latency in an [`Outcome`](crate::outcome::Outcome) and the estimate of
@@ -262,7 +264,8 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     /// A body that stalls after its headers, runs over the cap or fails is then
     /// rejected by every predicate of [`http::accept`](crate::http::accept), and the
     /// fallback serves (not by the default [`AcceptOk`](crate::accept::AcceptOk), which
-    /// tells only `Ok` from `Err`: give the layer a predicate); [`AcceptBody`](crate::http::accept::AcceptBody) and
+    /// tells only `Ok` from `Err`, nor by a closure: wrap it in
+    /// [`Complete`](crate::http::accept::Complete)); [`AcceptBody`](crate::http::accept::AcceptBody) and
     /// [`RejectBody`](crate::http::accept::RejectBody) judge the body's bytes. It can
     /// be called before or after any other builder method, and combines with
     /// [`buffer_bodies`](FallbackLayer::buffer_bodies) and
