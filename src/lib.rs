@@ -119,6 +119,7 @@ pub mod accept;
 #[cfg_attr(docsrs, doc(cfg(feature = "budget")))]
 pub mod budget;
 pub mod cancel;
+pub mod coalesce;
 #[doc(hidden)]
 pub mod feature;
 pub mod future;

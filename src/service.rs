@@ -1,5 +1,6 @@
 use crate::{
     accept::{Accept, AcceptOk, TypeName},
+    coalesce::Coalesce,
     future::ResponseFuture,
     launch::{AnyRequest, Eligible, Launch, Settings},
     refill::{NoRefill, Refill},
@@ -199,6 +200,28 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
         )
     }
 
+    /// Makes concurrent fallback calls with equal keys share one call, wrapping the
+    /// fallback in a [`Coalesce`] whose calls in flight every clone of this service
+    /// shares. Default: off.
+    ///
+    /// **The key must hold everything that varies the answer**, or one caller's answer
+    /// is handed to another (with `Authorization` or `Cookie`, a data leak); the
+    /// refill runs at most once per shared call. See
+    /// [`FallbackLayer::coalesce_by`](crate::FallbackLayer::coalesce_by) for the whole
+    /// contract, and the [`coalesce`](crate::coalesce) module.
+    pub fn coalesce_by<K>(mut self, key: K) -> Fallback<P, Coalesce<F, K>, A, S, R> {
+        let fallback = Coalesce::new(self.fallback, key);
+        self.settings.set_coalesce(fallback.registry().clone());
+        Fallback::from_parts(
+            self.primary,
+            fallback,
+            self.accept,
+            self.eligible,
+            self.refill,
+            self.settings,
+        )
+    }
+
     /// Sets when the fallback starts. Default: [`Launch::Concurrent`], with the primary.
     ///
     /// See the [`launch`](crate::launch) module for what each policy costs in extra
@@ -380,6 +403,7 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// Counting reads no clock: one atomic add per request.
     pub fn stats(mut self, stats: crate::outcome::Stats) -> Self {
         self.settings.observers_mut().stats = Some(stats);
+        self.settings.share_observers();
         self
     }
 
@@ -401,6 +425,7 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
         self.settings.observers_mut().metrics = Some(std::sync::Arc::new(
             crate::outcome::MetricsHandles::register(name),
         ));
+        self.settings.share_observers();
         self
     }
 

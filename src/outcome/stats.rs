@@ -37,6 +37,11 @@ struct Counters {
     /// Requests abandoned before their first poll, counted apart from the classes as
     /// well (each is also one of the abandoned ones).
     unpolled: AtomicU64,
+    // ---- coalescing (`coalesce`), counted by the coalescer, apart from the classes ----
+    /// Requests that joined a coalesced call in flight.
+    coalesce_joined: AtomicU64,
+    /// Coalesced calls ended: answered, dropped (last waiter gone), panicked.
+    coalesce_ends: [AtomicU64; 3],
 }
 
 impl Default for Counters {
@@ -45,6 +50,8 @@ impl Default for Counters {
             by_class: std::array::from_fn(|_| AtomicU64::new(0)),
             refills: [AtomicU64::new(0), AtomicU64::new(0)],
             unpolled: AtomicU64::new(0),
+            coalesce_joined: AtomicU64::new(0),
+            coalesce_ends: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -155,6 +162,17 @@ pub struct Snapshot {
     /// Refills that failed: the [`refill`](crate::Fallback::refill) action returned an
     /// error (the answer was served all the same).
     pub refill_failures: u64,
+
+    // ---- coalescing: see the `coalesce` module ----
+    /// Requests that joined a coalesced call already in flight for their key, rather
+    /// than starting one: calls the backend was spared.
+    pub coalesce_joined: u64,
+    /// Coalesced calls that answered: every waiter still there got the answer.
+    pub coalesce_answered: u64,
+    /// Coalesced calls dropped unanswered because their last waiter left.
+    pub coalesce_dropped: u64,
+    /// Coalesced calls that panicked: each of their waiters panicked too.
+    pub coalesce_panicked: u64,
 }
 
 impl Snapshot {
@@ -195,6 +213,11 @@ impl Stats {
         snapshot.refills = started.load(Relaxed);
         snapshot.refill_failures = failed.load(Relaxed);
         snapshot.abandoned_unpolled = self.inner.unpolled.load(Relaxed);
+        snapshot.coalesce_joined = self.inner.coalesce_joined.load(Relaxed);
+        let [answered, dropped, panicked] = &self.inner.coalesce_ends;
+        snapshot.coalesce_answered = answered.load(Relaxed);
+        snapshot.coalesce_dropped = dropped.load(Relaxed);
+        snapshot.coalesce_panicked = panicked.load(Relaxed);
         snapshot
     }
 
@@ -213,6 +236,18 @@ impl Stats {
     #[inline]
     pub(crate) fn count_unpolled(&self) {
         self.inner.unpolled.fetch_add(1, Relaxed);
+    }
+
+    /// A request joined a coalesced call in flight.
+    #[inline]
+    pub(crate) fn count_coalesce_joined(&self) {
+        self.inner.coalesce_joined.fetch_add(1, Relaxed);
+    }
+
+    /// A coalesced call ended: answered (0), dropped (1) or panicked (2).
+    #[inline]
+    pub(crate) fn count_coalesce_end(&self, end: usize) {
+        self.inner.coalesce_ends[end].fetch_add(1, Relaxed);
     }
 
     /// A refill ran: started (`ok`) or failed.
@@ -235,7 +270,8 @@ impl fmt::Display for Snapshot {
             "{} requests: {} by primary, {} by fallback, {} abandoned ({} unpolled); \
              {} fallback launches ({} speculative, {} cancelled, {} wasted); \
              {} budget refusals; fallback first {} times; \
-             {} refills started, {} failed",
+             {} refills started, {} failed; \
+             {} joined coalesced calls ({} answered, {} dropped, {} panicked)",
             self.requests,
             self.served_by_primary,
             self.served_by_fallback,
@@ -249,6 +285,10 @@ impl fmt::Display for Snapshot {
             self.fallback_first,
             self.refills,
             self.refill_failures,
+            self.coalesce_joined,
+            self.coalesce_answered,
+            self.coalesce_dropped,
+            self.coalesce_panicked,
         )
     }
 }
