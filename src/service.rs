@@ -413,7 +413,9 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// Counters: `backstop_requests_total{served}`, `backstop_fallback_total{fate}`,
     /// `backstop_fallback_launches_total{launched}`, `backstop_budget_refusals_total`,
     /// `backstop_fallback_first_total`, `backstop_refills_total{result}`,
-    /// `backstop_abandoned_unpolled_total`; histograms (seconds):
+    /// `backstop_abandoned_unpolled_total`; with [`coalesce_by`](Fallback::coalesce_by),
+    /// `backstop_coalesce_joined_total` and `backstop_coalesce_calls_total{end}`
+    /// (`answered`, `dropped`, `panicked`); histograms (seconds):
     /// `backstop_primary_latency_seconds`, `backstop_fallback_latency_seconds`. The
     /// handles are registered here, once: install the metrics recorder before calling
     /// this.

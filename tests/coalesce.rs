@@ -49,17 +49,15 @@ fn cancellable_db(
     let svc = OnCancelLayer::new(move |_: u64| {
         cancelled.fetch_add(1, SeqCst);
     })
-    .layer(service_fn(
-        move |(key, mut slot): (u64, Slot<u64, _>)| {
-            counted.fetch_add(1, SeqCst);
-            async move {
-                slot.fill(key);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                slot.disarm();
-                Ok::<_, ProbeError>(db_answer(key))
-            }
-        },
-    ));
+    .layer(service_fn(move |(key, mut slot): (u64, Slot<u64, _>)| {
+        counted.fetch_add(1, SeqCst);
+        async move {
+            slot.fill(key);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            slot.disarm();
+            Ok::<_, ProbeError>(db_answer(key))
+        }
+    }));
     (svc, calls, cancels)
 }
 
@@ -83,7 +81,10 @@ async fn fifty_concurrent_misses_make_one_fallback_call_and_one_refill() {
 
     let answers = join_all((0..50).map(|_| svc.clone().oneshot(1))).await;
     assert_eq!(answers.len(), 50);
-    assert!(answers.iter().all(|a| *a == Ok(db_answer(7))), "{answers:?}");
+    assert!(
+        answers.iter().all(|a| *a == Ok(db_answer(7))),
+        "{answers:?}"
+    );
     assert_eq!(cache_counts.started(), 50);
     assert_eq!(db_counts.started(), 1);
     assert_eq!(refills.load(SeqCst), 1, "one refill per shared call");
@@ -93,7 +94,11 @@ async fn fifty_concurrent_misses_make_one_fallback_call_and_one_refill() {
     assert_eq!(s.coalesce_joined, 49);
     assert_eq!(s.coalesce_answered, 1);
     assert_eq!((s.coalesce_dropped, s.coalesce_panicked), (0, 0));
-    assert!(s.to_string().contains("49 joined coalesced calls (1 answered, 0 dropped, 0 panicked)"), "{s}");
+    assert!(
+        s.to_string()
+            .contains("49 joined coalesced calls (1 answered, 0 dropped, 0 panicked)"),
+        "{s}"
+    );
 
     // The next stampede is a call of its own, with a refill of its own.
     let answers = join_all((0..5).map(|_| svc.clone().oneshot(1))).await;
@@ -114,7 +119,11 @@ async fn a_waiter_that_leaves_while_others_remain_leaves_the_call_going() {
     drop(first);
     assert_eq!(second.await, Ok(db_answer(1)));
     assert_eq!(calls.load(SeqCst), 1);
-    assert_eq!(cancels.load(SeqCst), 0, "the call went on: nothing cancelled");
+    assert_eq!(
+        cancels.load(SeqCst),
+        0,
+        "the call went on: nothing cancelled"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -160,7 +169,10 @@ async fn the_last_waiter_to_leave_drops_the_call_and_its_cancel_slot_fires_once(
     assert_eq!(cancels.load(SeqCst), 1, "once");
     assert_eq!(calls.load(SeqCst), 1);
     let s = stats.snapshot();
-    assert_eq!((s.coalesce_joined, s.coalesce_dropped, s.coalesce_answered), (2, 1, 0));
+    assert_eq!(
+        (s.coalesce_joined, s.coalesce_dropped, s.coalesce_answered),
+        (2, 1, 0)
+    );
 
     // The key is free again: the next request starts a new call.
     assert_eq!(svc.call(1).await, Ok(db_answer(1)));
@@ -233,7 +245,10 @@ async fn errors_reach_every_waiter() {
     let counts = db.counts();
     let svc = Coalesce::new(db, same);
     let answers = join_all((0..10).map(|_| svc.clone().oneshot(1))).await;
-    assert!(answers.iter().all(|a| *a == Err(ProbeError("db"))), "{answers:?}");
+    assert!(
+        answers.iter().all(|a| *a == Err(ProbeError("db"))),
+        "{answers:?}"
+    );
     assert_eq!(counts.started(), 1);
 }
 
@@ -264,10 +279,16 @@ async fn clones_and_the_services_of_one_layer_share_one_map() {
         a.clone().oneshot(1),
         a.clone().oneshot(1),
         b.clone().oneshot(1),
-        layer.clone().layer(Probe::fixed("db", 5, Reply::Value(9))).oneshot(1),
+        layer
+            .clone()
+            .layer(Probe::fixed("db", 5, Reply::Value(9)))
+            .oneshot(1),
     ])
     .await;
-    assert!(answers.iter().all(|r| *r == Ok(db_answer(9))), "{answers:?}");
+    assert!(
+        answers.iter().all(|r| *r == Ok(db_answer(9))),
+        "{answers:?}"
+    );
     assert_eq!(counts.started(), 1);
 
     // Two Fallbacks of one layer, around two caches, share the fallback's calls.
@@ -302,7 +323,10 @@ async fn joiners_dropped_before_their_first_poll_leave_and_unpolled_calls_never_
     drop((a, b));
     assert_eq!(counts.started(), 2);
     let s = stats.snapshot();
-    assert_eq!((s.coalesce_joined, s.coalesce_answered, s.coalesce_dropped), (3, 2, 1));
+    assert_eq!(
+        (s.coalesce_joined, s.coalesce_answered, s.coalesce_dropped),
+        (3, 2, 1)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -310,9 +334,11 @@ async fn joining_needs_no_readiness_and_only_the_driver_readies_its_clone() {
     let db = Probe::fixed("db", 5, Reply::Value(1)).never_ready();
     let counts = db.counts();
     let mut svc = Coalesce::new(db, same);
-    assert!(poll_once(&mut Box::pin(std::future::poll_fn(|cx| svc.poll_ready(cx))))
-        .await
-        .is_ready());
+    assert!(
+        poll_once(&mut Box::pin(std::future::poll_fn(|cx| svc.poll_ready(cx))))
+            .await
+            .is_ready()
+    );
     let mut waiters: Vec<_> = (0..5).map(|_| Box::pin(svc.call(1))).collect();
     for w in &mut waiters {
         assert!(poll_once(w).await.is_pending());
@@ -360,7 +386,10 @@ async fn a_driver_that_leaves_wakes_another_waiter_to_take_over() {
     drop(driver);
     // Only the woken waiter can drive the call to its end now.
     assert_eq!(waiter.await.unwrap(), Ok(db_answer(5)));
-    assert_eq!((counts.started(), counts.completed(), counts.dropped()), (1, 1, 0));
+    assert_eq!(
+        (counts.started(), counts.completed(), counts.dropped()),
+        (1, 1, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -378,7 +407,10 @@ async fn a_waiter_woken_to_take_over_that_leaves_passes_the_call_on() {
     // Woken to take over, it leaves before driving: the last waiter must be woken.
     drop(next);
     let answer = tokio::time::timeout(Duration::from_secs(10), last).await;
-    assert_eq!(answer.expect("the call was passed on").unwrap(), Ok(db_answer(5)));
+    assert_eq!(
+        answer.expect("the call was passed on").unwrap(),
+        Ok(db_answer(5))
+    );
 }
 
 /// A database that answers only once the gate opens, counting its calls.
@@ -395,7 +427,10 @@ fn gated_db() -> (
         let gate = opened.clone();
         async move {
             // Each permit lets one call through, once.
-            gate.acquire().await.expect("the gate is never closed").forget();
+            gate.acquire()
+                .await
+                .expect("the gate is never closed")
+                .forget();
             Ok::<_, ProbeError>(db_answer(key))
         }
     });
@@ -446,4 +481,3 @@ async fn many_threads_share_one_call_and_leave_it_from_anywhere() {
     assert_eq!((s.coalesce_answered, s.coalesce_dropped), (1, 1));
     assert_eq!(calls.load(SeqCst), 2);
 }
-

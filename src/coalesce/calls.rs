@@ -3,13 +3,14 @@
 //!
 //! # How a shared call is driven
 //!
-//! Each shared call is a slot holding its future, boxed once (it must outlive any one
-//! waiter, so it cannot live in one), and one waker per waiter. Whichever waiter polls
-//! first *drives*: it takes the future out of the slot, polls it with its own waker
-//! outside the lock, and puts it back. The others store their wakers and sleep. When
-//! the driver leaves, it wakes one other waiter, which drives from its next poll; when
-//! the call ends, every waiter is woken and collects a clone of the answer (the last
-//! one takes the answer itself). Nothing spins, nothing is spawned.
+//! Each shared call is a slot holding one waker per waiter, and its future, boxed once
+//! (it must outlive any one waiter, so it cannot live in one). One waiter at a time
+//! *drives*: it holds the future and polls it with its own waker, outside the lock —
+//! the request that started the call from the start, so its polls take no lock until
+//! the call answers. The others store their wakers and sleep. A driver that leaves puts
+//! the future back in the slot and wakes one other waiter, which takes it from its next
+//! poll; when the call ends, every waiter is woken and collects a clone of the answer
+//! (the last one takes the answer itself). Nothing spins, nothing is spawned.
 //!
 //! # Where things are
 //!
@@ -23,13 +24,12 @@ use super::observe::{End, Observers};
 use std::{
     any::Any,
     cell::RefCell,
-    collections::HashMap,
     future::Future,
-    hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState},
+    hash::{BuildHasher, Hash, RandomState},
     mem,
     pin::Pin,
     sync::{Mutex, MutexGuard, PoisonError},
-    task::{Context, Poll, Waker},
+    task::{Context, Waker},
 };
 
 /// The state one layer's services share: every clone of them, every service the layer
@@ -91,7 +91,9 @@ impl Registry {
                 maps.len() - 1
             }
         };
-        let map = maps[i].downcast_mut::<M>().expect("the map found has this type");
+        let map = maps[i]
+            .downcast_mut::<M>()
+            .expect("the map found has this type");
         f(map, observers)
     }
 }
@@ -110,7 +112,7 @@ pub(crate) enum Step<Fut, T, E> {
     Ready(Result<T, E>),
     /// Someone else drives the call, or it is running: this waiter's waker is stored.
     Pending,
-    /// Nobody drives the call: this waiter does, with the future taken out of the slot.
+    /// Nobody drives the call: this waiter does, holding the future from now on.
     Drive(Pin<Box<Fut>>),
     /// The call panicked in another waiter's poll.
     Panicked,
@@ -137,8 +139,11 @@ impl<Key, Fut, T, E> Default for Garbage<Key, Fut, T, E> {
 
 /// The calls in flight of one type, by key.
 pub(crate) struct Calls<Key, Fut, T, E> {
-    /// Hash → the first slot of its chain (slots whose keys share the hash).
-    heads: HashMap<u64, usize, BuildHasherDefault<Prehashed>>,
+    /// The first slot of each bucket's chain, by the low bits of the key's hash: a
+    /// power of two of them, at least as many as the slots (grown, never shrunk).
+    buckets: Vec<Option<usize>>,
+    /// Slots indexed: in the buckets' chains.
+    indexed: usize,
     slots: Vec<Slot<Key, Fut, T, E>>,
     free: Vec<usize>,
 }
@@ -146,7 +151,8 @@ pub(crate) struct Calls<Key, Fut, T, E> {
 impl<Key, Fut, T, E> Default for Calls<Key, Fut, T, E> {
     fn default() -> Self {
         Calls {
-            heads: HashMap::default(),
+            buckets: Vec::new(),
+            indexed: 0,
             slots: Vec::new(),
             free: Vec::new(),
         }
@@ -194,7 +200,7 @@ enum State<Fut, T, E> {
     Free,
     /// In flight, in the slot.
     Idle(Pin<Box<Fut>>),
-    /// In flight, taken out by its driver for a poll.
+    /// In flight, its future held by its driver.
     Driving,
     /// Answered: waiting for the remaining waiters to collect it.
     Done(Result<T, E>),
@@ -217,11 +223,14 @@ where
         key: Key,
         start: impl FnOnce() -> Fut,
         observers: &Observers,
-    ) -> (Ticket, Option<Key>) {
-        let mut at = self.heads.get(&hash).copied();
+    ) -> (Ticket, Option<Key>, Option<Pin<Box<Fut>>>) {
+        let mut at = match self.buckets.len() {
+            0 => None,
+            n => self.buckets[bucket(hash, n)],
+        };
         while let Some(i) = at {
             let slot = &mut self.slots[i];
-            if slot.key.as_ref() == Some(&key) {
+            if slot.hash == hash && slot.key.as_ref() == Some(&key) {
                 let waiter = slot.wakers.len();
                 slot.wakers.push(None);
                 slot.waiters += 1;
@@ -232,7 +241,7 @@ where
                     generation: slot.generation,
                     waiter,
                 };
-                return (ticket, Some(key));
+                return (ticket, Some(key), None);
             }
             at = slot.next;
         }
@@ -245,23 +254,30 @@ where
                 self.slots.len() - 1
             }
         };
-        let next = self.heads.insert(hash, i);
+        if self.indexed >= self.buckets.len() {
+            self.grow();
+        }
+        let b = bucket(hash, self.buckets.len());
+        let next = self.buckets[b].replace(i);
+        self.indexed += 1;
         let slot = &mut self.slots[i];
         slot.hash = hash;
         slot.next = next;
         slot.key = Some(key);
         slot.indexed = true;
-        slot.state = State::Idle(fut);
+        // The request that starts the call drives it, holding its future: its polls
+        // take no lock until the call answers.
+        slot.state = State::Driving;
         slot.waiters = 1;
         slot.joined = 0;
-        slot.driver = None;
+        slot.driver = Some(0);
         slot.wakers.push(None);
         let ticket = Ticket {
             slot: i,
             generation: slot.generation,
             waiter: 0,
         };
-        (ticket, None)
+        (ticket, None, Some(fut))
     }
 
     fn slot(&mut self, ticket: Ticket) -> &mut Slot<Key, Fut, T, E> {
@@ -324,31 +340,24 @@ where
         }
     }
 
-    /// The driver's poll of the future returned `poll`: the future goes back in the
-    /// slot, or the answer is handed to every waiter (`wake` gets their wakers).
+    /// The driver's poll of the future answered: the answer is handed to every waiter
+    /// (`wake` gets their wakers).
     pub(crate) fn driven(
         &mut self,
         ticket: Ticket,
         fut: Pin<Box<Fut>>,
-        poll: Poll<Result<T, E>>,
-        wake: &mut Vec<Waker>,
+        answer: Result<T, E>,
+        wake: &mut Wake,
         garbage: &mut Garbage<Key, Fut, T, E>,
         observers: &Observers,
-    ) -> Poll<Result<T, E>> {
+    ) -> Result<T, E> {
         let slot = self.slot(ticket);
-        let answer = match poll {
-            Poll::Pending => {
-                slot.state = State::Idle(fut);
-                return Poll::Pending;
-            }
-            Poll::Ready(answer) => answer,
-        };
         // The spent future is dropped outside the lock.
         garbage.fut = Some(fut);
         if slot.waiters == 1 {
             observers.ended(End::Answered, slot.joined);
             self.free(ticket.slot, garbage);
-            return Poll::Ready(answer);
+            return answer;
         }
         // CORRECTNESS: the clone comes before any change: if it panics, the call is
         // still `Driving`, and the driver's unwind guard reports it as panicked.
@@ -358,10 +367,11 @@ where
         slot.waiters -= 1;
         slot.wakers[ticket.waiter] = None;
         slot.driver = None;
-        wake.extend(slot.wakers.iter_mut().filter_map(Option::take));
+        wake.list()
+            .extend(slot.wakers.iter_mut().filter_map(Option::take));
         // A request arriving from now on starts a new call: nothing is cached.
         self.unindex(ticket.slot);
-        Poll::Ready(answer)
+        answer
     }
 
     /// The driver's poll panicked: every other waiter is woken to a clear panic of its
@@ -369,7 +379,7 @@ where
     pub(crate) fn panicked(
         &mut self,
         ticket: Ticket,
-        wake: &mut Vec<Waker>,
+        wake: &mut Wake,
         garbage: &mut Garbage<Key, Fut, T, E>,
         observers: &Observers,
     ) {
@@ -386,20 +396,26 @@ where
             self.free(ticket.slot, garbage);
             return;
         }
-        wake.extend(slot.wakers.iter_mut().filter_map(Option::take));
+        wake.list()
+            .extend(slot.wakers.iter_mut().filter_map(Option::take));
         self.unindex(ticket.slot);
     }
 
-    /// A waiter goes away unanswered. The last one drops the call; a driver that leaves
+    /// A waiter goes away unanswered, with the call's future if it drove it. The last
+    /// one drops the call; a driver that leaves puts the future back in the slot and
     /// wakes another waiter to take over.
     pub(crate) fn leave(
         &mut self,
         ticket: Ticket,
-        wake: &mut Vec<Waker>,
+        fut: Option<Pin<Box<Fut>>>,
+        wake: &mut Wake,
         garbage: &mut Garbage<Key, Fut, T, E>,
         observers: &Observers,
     ) {
         let slot = self.slot(ticket);
+        if let Some(fut) = fut {
+            slot.state = State::Idle(fut);
+        }
         slot.waiters -= 1;
         slot.wakers[ticket.waiter] = None;
         let in_flight = matches!(slot.state, State::Idle(_) | State::Driving);
@@ -418,7 +434,7 @@ where
             // A waiter that has not been polled yet has no waker, and will drive from
             // its first poll.
             if let Some(waker) = slot.wakers.iter_mut().find_map(Option::take) {
-                wake.push(waker);
+                wake.list().push(waker);
             }
         }
     }
@@ -429,15 +445,13 @@ where
         if !mem::take(&mut slot.indexed) {
             return;
         }
-        let (hash, next) = (slot.hash, slot.next.take());
-        let Some(&head) = self.heads.get(&hash) else {
+        let (b, next) = (bucket(slot.hash, self.buckets.len()), slot.next.take());
+        self.indexed -= 1;
+        let Some(head) = self.buckets[b] else {
             unreachable!("an indexed slot is in its chain")
         };
         if head == i {
-            match next {
-                Some(next) => self.heads.insert(hash, next),
-                None => self.heads.remove(&hash),
-            };
+            self.buckets[b] = next;
             return;
         }
         let mut at = head;
@@ -447,6 +461,21 @@ where
                 return;
             }
             at = after;
+        }
+    }
+
+    /// Doubles the buckets (16 at first) and rechains the indexed slots: only when the
+    /// calls in flight outgrow them.
+    #[cold]
+    fn grow(&mut self) {
+        let n = (self.buckets.len() * 2).max(16);
+        self.buckets.clear();
+        self.buckets.resize(n, None);
+        for i in 0..self.slots.len() {
+            if self.slots[i].indexed {
+                let b = bucket(self.slots[i].hash, n);
+                self.slots[i].next = self.buckets[b].replace(i);
+            }
         }
     }
 
@@ -488,7 +517,7 @@ impl Registry {
         &self,
         op: impl FnOnce(
             &mut Calls<Key, Fut, T, E>,
-            &mut Vec<Waker>,
+            &mut Wake,
             &mut Garbage<Key, Fut, T, E>,
             &Observers,
         ) -> R,
@@ -496,53 +525,54 @@ impl Registry {
     where
         Calls<Key, Fut, T, E>: Send + 'static,
     {
-        let mut wake = WAKE
-            .try_with(|list| list.try_borrow_mut().map(|mut l| mem::take(&mut *l)).ok())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let mut wake = Wake(None);
         let mut garbage = Garbage::default();
         let out = self.with(|calls, observers| op(calls, &mut wake, &mut garbage, observers));
-        for waker in wake.drain(..) {
-            waker.wake();
-        }
-        let _ = WAKE.try_with(|list| {
-            if let Ok(mut list) = list.try_borrow_mut() {
-                if list.capacity() < wake.capacity() {
-                    *list = wake;
-                }
+        if let Some(mut list) = wake.0 {
+            for waker in list.drain(..) {
+                waker.wake();
             }
-        });
+            let _ = WAKE.try_with(|spare| {
+                if let Ok(mut spare) = spare.try_borrow_mut() {
+                    if spare.capacity() < list.capacity() {
+                        *spare = list;
+                    }
+                }
+            });
+        }
         drop(garbage);
         out
     }
 }
 
-/// The hasher of the index, whose keys are hashes already.
-#[derive(Default)]
-pub(crate) struct Prehashed(u64);
+/// The wakers an operation wakes once the lock is released: the thread's recycled list,
+/// taken only by an operation that has some to wake.
+pub(crate) struct Wake(Option<Vec<Waker>>);
 
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
+impl Wake {
+    fn list(&mut self) -> &mut Vec<Waker> {
+        self.0.get_or_insert_with(|| {
+            WAKE.try_with(|spare| spare.try_borrow_mut().map(|mut s| mem::take(&mut *s)).ok())
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        })
     }
+}
 
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is ever called; this keeps the hasher total.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
+/// The bucket of `hash` among `n`, a power of two.
+#[inline]
+fn bucket(hash: u64, n: usize) -> usize {
+    (hash as usize) & (n - 1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::{future::Ready, task::Waker};
+    use std::{
+        future::Ready,
+        task::{Poll, Waker},
+    };
 
     type TestCalls = Calls<u32, Ready<Result<u32, ()>>, u32, ()>;
 
@@ -552,28 +582,46 @@ mod tests {
         let observers = Observers::default();
         let cx = Context::from_waker(Waker::noop());
         let mut garbage = Garbage::default();
-        let mut wake = Vec::new();
+        let mut wake = Wake(None);
         // Three keys on one hash: one chain.
         let tickets: Vec<_> = (0..3)
-            .map(|k| calls.join(7, k, || std::future::ready(Ok(k)), &observers).0)
+            .map(|k| {
+                let (ticket, _, fut) = calls.join(7, k, || std::future::ready(Ok(k)), &observers);
+                (ticket, fut)
+            })
             .collect();
         assert_eq!(calls.live(), 3);
         // The middle one leaves: the chain stays whole.
-        calls.leave(tickets[1], &mut wake, &mut garbage, &observers);
+        let mut tickets = tickets.into_iter();
+        let (first, mut first_fut) = tickets.next().unwrap();
+        let (second, second_fut) = tickets.next().unwrap();
+        let (third, mut third_fut) = tickets.next().unwrap();
+        calls.leave(second, second_fut, &mut wake, &mut garbage, &observers);
         assert_eq!(calls.live(), 2);
-        let (again, joined) = calls.join(7, 2, || unreachable!(), &observers);
+        let (again, joined, none) = calls.join(7, 2, || unreachable!(), &observers);
         assert_eq!(joined, Some(2));
-        for t in [tickets[0], tickets[2]] {
-            if let Step::Drive(mut fut) = calls.poll(t, &cx, &mut garbage) {
-                let poll = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-                let _ = calls.driven(t, fut, poll, &mut wake, &mut garbage, &observers);
-            }
+        assert!(none.is_none());
+        assert!(matches!(
+            calls.poll(again, &cx, &mut garbage),
+            Step::Pending
+        ));
+        for (t, fut) in [(first, first_fut.take()), (third, third_fut.take())] {
+            let mut fut = fut.unwrap();
+            let Poll::Ready(answer) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+            else {
+                unreachable!()
+            };
+            let _ = calls.driven(t, fut, answer, &mut wake, &mut garbage, &observers);
         }
         // Keys 0 and 2 answered; key 2's second waiter collects.
         assert_eq!(calls.live(), 1);
-        assert!(matches!(calls.poll(again, &cx, &mut garbage), Step::Ready(Ok(2))));
+        assert!(matches!(
+            calls.poll(again, &cx, &mut garbage),
+            Step::Ready(Ok(2))
+        ));
         assert_eq!(calls.live(), 0);
-        assert!(calls.heads.is_empty());
+        assert_eq!(calls.indexed, 0);
+        assert!(calls.buckets.iter().all(Option::is_none));
         assert_eq!(calls.slots.len(), 3);
     }
 }

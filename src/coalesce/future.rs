@@ -84,9 +84,10 @@ where
         req: Req,
     ) -> Self {
         let hash = registry.hash(&key);
-        let (ticket, key) = registry.run(|calls: &mut CallsOf<S, Req, Key>, _, _, observers| {
-            calls.join(hash, key, || Oneshot::new(svc(), req), observers)
-        });
+        let (ticket, key, fut) =
+            registry.run(|calls: &mut CallsOf<S, Req, Key>, _, _, observers| {
+                calls.join(hash, key, || Oneshot::new(svc(), req), observers)
+            });
         // A joiner's key (and request, moved into the closure) are dropped here, outside
         // the lock.
         drop(key);
@@ -95,6 +96,7 @@ where
                 waiter: Waiter {
                     registry: registry.clone(),
                     ticket,
+                    fut,
                     done: false,
                     mark: 0,
                     leave: leave::<Key, Oneshot<S, Req>, S::Response, S::Error>,
@@ -131,7 +133,10 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Alone { .. } => f.debug_struct("ResponseFuture").field("shared", &false).finish(),
+            Kind::Alone { .. } => f
+                .debug_struct("ResponseFuture")
+                .field("shared", &false)
+                .finish(),
             Kind::Waiting { waiter } => f
                 .debug_struct("ResponseFuture")
                 .field("shared", &true)
@@ -142,16 +147,22 @@ where
     }
 }
 
+/// The types of a call, for a waiter that holds none of them by value: `Send` and
+/// `Sync` whatever they are.
+type Types<Key, Fut, T, E> = PhantomData<fn() -> (Key, Fut, T, E)>;
+
 /// One request's place in a shared call. Dropped unanswered, it leaves the call.
 pub(crate) struct Waiter<Key, Fut, T, E> {
     registry: Arc<Registry>,
     ticket: Ticket,
+    /// The call's future, while this waiter drives it.
+    fut: Option<Pin<Box<Fut>>>,
     /// Answered, or out of the call after a panic: nothing left to leave.
     done: bool,
     /// The address this waiter's answer was marked as shared at, if it was: see [`mark`].
     mark: usize,
-    leave: fn(&Registry, Ticket),
-    _types: PhantomData<fn() -> (Key, Fut, T, E)>,
+    leave: fn(&Registry, Ticket, Option<Pin<Box<Fut>>>),
+    _types: Types<Key, Fut, T, E>,
 }
 
 impl<Key, Fut, T, E> Waiter<Key, Fut, T, E>
@@ -164,45 +175,58 @@ where
     fn poll(&mut self, cx: &mut Context<'_>, address: usize) -> Poll<Result<T, E>> {
         assert!(!self.done, "`ResponseFuture` polled after completion");
         let ticket = self.ticket;
-        let step = self
-            .registry
-            .run(|calls: &mut Calls<Key, Fut, T, E>, _, garbage, _| {
-                calls.poll(ticket, cx, garbage)
-            });
-        let mut fut = match step {
-            Step::Ready(answer) => {
-                self.done = true;
-                // Another request's call answered: a refill is not this request's to make.
-                self.mark = address;
-                mark::set(address);
-                return Poll::Ready(answer);
+        if self.fut.is_none() {
+            let step = self
+                .registry
+                .run(|calls: &mut Calls<Key, Fut, T, E>, _, garbage, _| {
+                    calls.poll(ticket, cx, garbage)
+                });
+            match step {
+                Step::Ready(answer) => {
+                    self.done = true;
+                    // Another request's poll made this answer: a refill is not this
+                    // request's to make.
+                    self.mark = address;
+                    mark::set(address);
+                    return Poll::Ready(answer);
+                }
+                Step::Pending => return Poll::Pending,
+                Step::Panicked => {
+                    self.done = true;
+                    panic!("the coalesced call this request joined panicked");
+                }
+                Step::Drive(fut) => self.fut = Some(fut),
             }
-            Step::Pending => return Poll::Pending,
-            Step::Panicked => {
-                self.done = true;
-                panic!("the coalesced call this request joined panicked");
-            }
-            Step::Drive(fut) => fut,
+        }
+        let Some(fut) = self.fut.as_mut() else {
+            unreachable!("a driver holds the call's future")
         };
-        // This waiter drives the call, outside the lock. If the poll panics, the guard
-        // tells the other waiters (and the call is left as panicked) before `fut` is
-        // dropped, by unwinding, after it.
-        let mut guard = DriveGuard {
+        // This waiter drives the call, holding its future: no lock until it answers. If
+        // the poll panics, the guard tells the other waiters (the future is dropped with
+        // this waiter).
+        let mut guard = DriveGuard::<'_, Key, Fut, T, E> {
             registry: &self.registry,
             ticket,
             done: &mut self.done,
             armed: true,
-            _types: PhantomData::<fn() -> (Key, Fut, T, E)>,
+            _types: PhantomData,
         };
-        let poll = fut.as_mut().poll(cx);
-        let poll = self
-            .registry
-            .run(|calls: &mut Calls<Key, Fut, T, E>, wake, garbage, observers| {
-                calls.driven(ticket, fut, poll, wake, garbage, observers)
-            });
+        let answer = match fut.as_mut().poll(cx) {
+            Poll::Ready(answer) => answer,
+            Poll::Pending => {
+                guard.armed = false;
+                return Poll::Pending;
+            }
+        };
+        let fut = self.fut.take().expect("polled just above");
+        let answer = self.registry.run(
+            |calls: &mut Calls<Key, Fut, T, E>, wake, garbage, observers| {
+                calls.driven(ticket, fut, answer, wake, garbage, observers)
+            },
+        );
         guard.armed = false;
-        *guard.done = poll.is_ready();
-        poll
+        *guard.done = true;
+        Poll::Ready(answer)
     }
 }
 
@@ -212,23 +236,25 @@ impl<Key, Fut, T, E> Drop for Waiter<Key, Fut, T, E> {
             mark::clear(self.mark);
         }
         if !self.done {
-            (self.leave)(&self.registry, self.ticket);
+            (self.leave)(&self.registry, self.ticket, self.fut.take());
         }
     }
 }
 
 /// Leaves the call, for a waiter dropped unanswered: through a function pointer made
 /// where the map's type is known (a `Drop` impl cannot have the bounds it needs).
-fn leave<Key, Fut, T, E>(registry: &Registry, ticket: Ticket)
+fn leave<Key, Fut, T, E>(registry: &Registry, ticket: Ticket, fut: Option<Pin<Box<Fut>>>)
 where
     Key: Eq + Send + 'static,
     Fut: Future<Output = Result<T, E>> + Send + 'static,
     T: Clone + Send + 'static,
     E: Clone + Send + 'static,
 {
-    registry.run(|calls: &mut Calls<Key, Fut, T, E>, wake, garbage, observers| {
-        calls.leave(ticket, wake, garbage, observers)
-    });
+    registry.run(
+        |calls: &mut Calls<Key, Fut, T, E>, wake, garbage, observers| {
+            calls.leave(ticket, fut, wake, garbage, observers)
+        },
+    );
 }
 
 /// Marks a driven call as panicked if its poll unwinds.
@@ -243,7 +269,7 @@ where
     ticket: Ticket,
     done: &'a mut bool,
     armed: bool,
-    _types: PhantomData<fn() -> (Key, Fut, T, E)>,
+    _types: Types<Key, Fut, T, E>,
 }
 
 impl<Key, Fut, T, E> Drop for DriveGuard<'_, Key, Fut, T, E>
@@ -260,10 +286,11 @@ where
         // The driver is out of the call: its own drop must not leave it again.
         *self.done = true;
         let ticket = self.ticket;
-        self.registry
-            .run(|calls: &mut Calls<Key, Fut, T, E>, wake, garbage, observers| {
+        self.registry.run(
+            |calls: &mut Calls<Key, Fut, T, E>, wake, garbage, observers| {
                 calls.panicked(ticket, wake, garbage, observers)
-            });
+            },
+        );
     }
 }
 

@@ -270,8 +270,7 @@ impl fmt::Display for Snapshot {
             "{} requests: {} by primary, {} by fallback, {} abandoned ({} unpolled); \
              {} fallback launches ({} speculative, {} cancelled, {} wasted); \
              {} budget refusals; fallback first {} times; \
-             {} refills started, {} failed; \
-             {} joined coalesced calls ({} answered, {} dropped, {} panicked)",
+             {} refills started, {} failed",
             self.requests,
             self.served_by_primary,
             self.served_by_fallback,
@@ -285,11 +284,25 @@ impl fmt::Display for Snapshot {
             self.fallback_first,
             self.refills,
             self.refill_failures,
+        )?;
+        // Coalescing, only where it happened: a layer without it reads as before.
+        let coalesce = [
             self.coalesce_joined,
             self.coalesce_answered,
             self.coalesce_dropped,
             self.coalesce_panicked,
-        )
+        ];
+        if coalesce.iter().any(|&n| n != 0) {
+            write!(
+                f,
+                "; {} joined coalesced calls ({} answered, {} dropped, {} panicked)",
+                self.coalesce_joined,
+                self.coalesce_answered,
+                self.coalesce_dropped,
+                self.coalesce_panicked,
+            )?;
+        }
+        Ok(())
     }
 }
 
