@@ -132,8 +132,7 @@ fn coalescing_is_exported_whatever_the_order_of_the_builder_calls() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let answers =
-            futures_util::future::join_all((0..4).map(|_| svc.clone().oneshot(1))).await;
+        let answers = futures_util::future::join_all((0..4).map(|_| svc.clone().oneshot(1))).await;
         assert!(answers.iter().all(Result::is_ok));
     });
 
