@@ -349,11 +349,17 @@ where
                     }
                     Poll::Pending => return Poll::Pending,
                 },
-                BranchProj::Called { fut } => {
-                    let result = match fut.poll(cx) {
+                BranchProj::Called { mut fut } => {
+                    let result = match fut.as_mut().poll(cx) {
                         Poll::Ready(result) => result,
                         Poll::Pending => return Poll::Pending,
                     };
+                    // A coalesced fallback's answer made for another request is not this
+                    // request's to refill: the refill runs once per shared call. Read
+                    // before the fallback's future is dropped, which clears the mark.
+                    if this.refill.is_some() && crate::coalesce::mark::shared(&*fut) {
+                        *this.refill = None;
+                    }
                     if !primary_pending {
                         this.fallback.set(Branch::Done);
                         if let Some(cold) = this.cold.get() {

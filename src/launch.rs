@@ -270,6 +270,10 @@ pub(crate) struct Settings {
     /// Whether a request's cold part holds anything of the launch: a delay, patience, a
     /// budget or an adaptive sample (rather than observers alone).
     pub(crate) launch_state: bool,
+    /// The calls in flight of the coalescer the fallback was wrapped in by
+    /// `coalesce_by`, if any: told about the layer's `Stats` and `metrics`. Never read
+    /// by a request.
+    coalesce: Option<Arc<crate::coalesce::Registry>>,
 }
 
 /// What a response future whose cold part is taken late fills it with, in the hot part:
@@ -314,6 +318,7 @@ impl Default for Settings {
             starts: [Control::new(Plan::Now, Deferred::NONE); 2],
             cold: NeedsCold::Never,
             launch_state: false,
+            coalesce: None,
         };
         settings.refresh();
         settings
@@ -365,6 +370,30 @@ impl Settings {
             let _ = quanta::Instant::now();
         }
         self.clock = clock;
+    }
+
+    /// Ties the layer's observers to the coalescer its fallback was wrapped in: its
+    /// `Stats` and `metrics` count what the coalescer did too, whatever the order of the
+    /// builder calls.
+    pub(crate) fn set_coalesce(&mut self, calls: Arc<crate::coalesce::Registry>) {
+        self.coalesce = Some(calls);
+        self.share_observers();
+    }
+
+    /// Hands the layer's `Stats` and `metrics` to its coalescer, if it has one: after
+    /// either changes.
+    pub(crate) fn share_observers(&self) {
+        let Some(calls) = &self.coalesce else {
+            return;
+        };
+        let observers = self.observers.as_deref();
+        calls.set_observers(crate::coalesce::Observers {
+            stats: observers.and_then(|o| o.stats.clone()),
+            #[cfg(feature = "metrics")]
+            metrics: observers
+                .and_then(|o| o.metrics.as_ref())
+                .map(|m| Arc::new(m.coalesce())),
+        });
     }
 
     /// The observers, to add one to.

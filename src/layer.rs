@@ -1,5 +1,6 @@
 use crate::{
     accept::{AcceptOk, TypeName},
+    coalesce::Coalesce,
     launch::{AnyRequest, Launch, Settings},
     refill::NoRefill,
     Fallback,
@@ -120,6 +121,84 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     /// for wrapping the fallback in a middleware of its own after the fact.
     pub fn map_fallback<F2>(self, f: impl FnOnce(F) -> F2) -> FallbackLayer<F2, A, S, O, I, R> {
         self.with_parts(|fallback, a, s, o, i| (f(fallback), a, s, o, i))
+    }
+
+    /// Makes concurrent fallback calls with equal keys share one call: the fallback is
+    /// wrapped in a [`Coalesce`](crate::coalesce::Coalesce), with one map of calls in
+    /// flight for this layer, shared by every service it builds and every clone of them.
+    /// Default: off — every request makes its own fallback call.
+    ///
+    /// `key` is a [`CoalesceKey`](crate::coalesce::CoalesceKey), such as a closure
+    /// `|req: &Req| Some(key)` (its argument's type written out, as for
+    /// [`accept`](FallbackLayer::accept)); `None` for a request that must not share.
+    /// Every request that joined a call gets its answer, `Ok` or `Err`, so the
+    /// fallback's response and error must be `Clone` (make an error shareable with
+    /// `map_err(Arc::new)` on the fallback); the layer's error type does not change. A
+    /// joiner needs no fallback readiness. A request arriving after the call ended starts
+    /// a new one: nothing is cached.
+    ///
+    /// **The key must hold everything that varies the answer.** Requests with equal
+    /// keys get the same answer, whoever sent them: a key that leaves out the caller's
+    /// identity hands one user's answer to another — with an `Authorization` or
+    /// `Cookie` header, a data leak. Key on what the answer depends on, or return
+    /// `None` for requests carrying credentials. (The `http` module will have a
+    /// ready-made HTTP key that does so.)
+    ///
+    /// No waiter is special: a request whose primary was accepted (its fallback
+    /// dropped), whose caller left or timed out, leaves the shared call, which goes on
+    /// for the others and is dropped — an [`OnCancel`](crate::cancel::OnCancel) slot in
+    /// it firing once — only when its last waiter leaves. Until then the backend works
+    /// on for whoever remains: an abandoned share costs nothing more than the call the
+    /// remaining requests need anyway.
+    ///
+    /// The [`refill`](FallbackLayer::refill) runs at most once per shared call: only
+    /// for the request whose poll finished the call (the others' answers are marked as
+    /// shared), and only if that request is a miss, as always. [`Stats`] and `metrics`
+    /// count the requests that joined and how the calls ended
+    /// ([`Snapshot::coalesce_joined`](crate::outcome::Snapshot::coalesce_joined) and
+    /// after), whether set before or after this call.
+    ///
+    /// A keyed request costs a hash of its key and a few takes of one lock shared by the
+    /// layer, and a call one allocation (its boxed future); see the
+    /// [`coalesce`](crate::coalesce) module for the bounds (`Send + 'static` parts) and
+    /// the costs, measured in `docs/overhead.md`. A panic in the shared call reaches
+    /// every waiter as a panic of its own.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use tower::{service_fn, ServiceBuilder, ServiceExt};
+    /// use tower_backstop::{outcome::Stats, FallbackLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let cache = service_fn(|_id: u32| async { Ok::<_, Infallible>(None::<String>) });
+    /// let db = service_fn(|id: u32| async move {
+    ///     tokio::task::yield_now().await;
+    ///     Ok::<_, Infallible>(Some(format!("row {id}")))
+    /// });
+    ///
+    /// let stats = Stats::new();
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(
+    ///         FallbackLayer::new(db)
+    ///             .accept(|r: &Result<Option<String>, Infallible>| matches!(r, Ok(Some(_))))
+    ///             // The id is all the answer depends on: no caller identity to keep apart.
+    ///             .coalesce_by(|id: &u32| Some(*id))
+    ///             .stats(stats.clone()),
+    ///     )
+    ///     .service(cache);
+    ///
+    /// let (a, b) = tokio::join!(svc.clone().oneshot(7), svc.oneshot(7));
+    /// assert_eq!(a.unwrap(), b.unwrap());
+    /// assert_eq!(stats.snapshot().coalesce_joined, 1);
+    /// # }
+    /// ```
+    ///
+    /// [`Stats`]: crate::outcome::Stats
+    pub fn coalesce_by<K>(mut self, key: K) -> FallbackLayer<Coalesce<F, K>, A, S, O, I, R> {
+        let calls = std::sync::Arc::new(crate::coalesce::Registry::new());
+        self.settings.set_coalesce(calls.clone());
+        self.with_parts(|f, a, s, o, i| (Coalesce::with_registry(f, key, calls), a, s, o, i))
     }
 
     /// Sets when the fallback starts. Default: [`Launch::Concurrent`].
@@ -293,6 +372,7 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     /// Default: no counting. See [`Fallback::stats`].
     pub fn stats(mut self, stats: crate::outcome::Stats) -> Self {
         self.settings.observers_mut().stats = Some(stats);
+        self.settings.share_observers();
         self
     }
     /// Reports the outcomes of every service this layer builds through the
@@ -306,6 +386,7 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
         self.settings.observers_mut().metrics = Some(std::sync::Arc::new(
             crate::outcome::MetricsHandles::register(name),
         ));
+        self.settings.share_observers();
         self
     }
 }

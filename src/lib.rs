@@ -87,6 +87,12 @@
 //! the [`refill`] module. `examples/redis-postgres` in the repository does both against
 //! real Redis and PostgreSQL servers.
 //!
+//! # One fallback call per key
+//!
+//! [`FallbackLayer::coalesce_by`] makes concurrent fallback calls with equal keys share
+//! one call (and one refill); the [`coalesce`] module has the contract — above all,
+//! that the key must hold everything that varies the answer.
+//!
 //! # Requirements
 //!
 //! - Both services take the same request type, which must be `Clone`: the primary gets

@@ -62,7 +62,9 @@ mod stats;
 mod track;
 
 #[cfg(feature = "metrics")]
-pub(crate) use self::export::metrics::Handles as MetricsHandles;
+pub(crate) use self::export::metrics::{
+    CoalesceHandles as CoalesceMetrics, Handles as MetricsHandles,
+};
 pub use self::stats::{Snapshot, Stats};
 pub(crate) use self::track::{tracing_may_listen, Observers, Tracker};
 

@@ -1,5 +1,6 @@
 use crate::{
     accept::{Accept, AcceptOk, TypeName},
+    coalesce::Coalesce,
     future::ResponseFuture,
     launch::{AnyRequest, Eligible, Launch, Settings},
     refill::{NoRefill, Refill},
@@ -193,6 +194,28 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
             self.primary,
             self.fallback,
             accept,
+            self.eligible,
+            self.refill,
+            self.settings,
+        )
+    }
+
+    /// Makes concurrent fallback calls with equal keys share one call, wrapping the
+    /// fallback in a [`Coalesce`] whose calls in flight every clone of this service
+    /// shares. Default: off.
+    ///
+    /// **The key must hold everything that varies the answer**, or one caller's answer
+    /// is handed to another (with `Authorization` or `Cookie`, a data leak); the
+    /// refill runs at most once per shared call. See
+    /// [`FallbackLayer::coalesce_by`](crate::FallbackLayer::coalesce_by) for the whole
+    /// contract, and the [`coalesce`](crate::coalesce) module.
+    pub fn coalesce_by<K>(mut self, key: K) -> Fallback<P, Coalesce<F, K>, A, S, R> {
+        let fallback = Coalesce::new(self.fallback, key);
+        self.settings.set_coalesce(fallback.registry().clone());
+        Fallback::from_parts(
+            self.primary,
+            fallback,
+            self.accept,
             self.eligible,
             self.refill,
             self.settings,
@@ -415,6 +438,7 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// Counting reads no clock: one atomic add per request.
     pub fn stats(mut self, stats: crate::outcome::Stats) -> Self {
         self.settings.observers_mut().stats = Some(stats);
+        self.settings.share_observers();
         self
     }
 
@@ -424,7 +448,10 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
     /// Counters: `backstop_requests_total{served}`, `backstop_fallback_total{fate}`,
     /// `backstop_fallback_launches_total{launched}`, `backstop_budget_refusals_total`,
     /// `backstop_fallback_first_total`, `backstop_refills_total{result}`,
-    /// `backstop_abandoned_unpolled_total`, `backstop_speculation_limited_total`; histograms (seconds):
+    /// `backstop_abandoned_unpolled_total`, `backstop_speculation_limited_total`; with
+    /// [`coalesce_by`](Fallback::coalesce_by), `backstop_coalesce_joined_total` and
+    /// `backstop_coalesce_calls_total{end}` (`answered`, `dropped`, `panicked`);
+    /// histograms (seconds):
     /// `backstop_primary_latency_seconds`, `backstop_fallback_latency_seconds`. The
     /// handles are registered here, once: install the metrics recorder before calling
     /// this.
@@ -436,6 +463,7 @@ impl<P, F, A, S, R> Fallback<P, F, A, S, R> {
         self.settings.observers_mut().metrics = Some(std::sync::Arc::new(
             crate::outcome::MetricsHandles::register(name),
         ));
+        self.settings.share_observers();
         self
     }
 

@@ -125,3 +125,43 @@ fn outcomes_are_exported_through_the_facade() {
         .any(|(k, ..)| k.kind() == MetricKind::Histogram
             && k.key().name() == "backstop_primary_latency_seconds"));
 }
+
+#[test]
+fn coalescing_is_exported_whatever_the_order_of_the_builder_calls() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // `metrics` before `coalesce_by`: the coalescer reports all the same.
+    let svc = metrics::with_local_recorder(&recorder, || {
+        Fallback::new(
+            Probe::fixed("cache", 2, Reply::Empty),
+            Probe::fixed("db", 10, Reply::Value(2)),
+        )
+        .accept(hit)
+        .metrics("cache")
+        .coalesce_by(|key: &u64| Some(*key))
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let answers = futures_util::future::join_all((0..4).map(|_| svc.clone().oneshot(1))).await;
+        assert!(answers.iter().all(Result::is_ok));
+    });
+
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counter = |name, label| match value(&snapshot, name, label) {
+        Some(DebugValue::Counter(n)) => *n,
+        other => panic!("{name} {label:?}: {other:?}"),
+    };
+    assert_eq!(counter("backstop_coalesce_joined_total", None), 3);
+    assert_eq!(
+        counter("backstop_coalesce_calls_total", Some(("end", "answered"))),
+        1
+    );
+    assert_eq!(
+        counter("backstop_coalesce_calls_total", Some(("end", "dropped"))),
+        0
+    );
+}

@@ -263,6 +263,20 @@ pub fn rows(r: &mut impl Rows, hits: u64) {
             .layer(cache),
     );
 
+    // Coalescing, with keys nobody else has in flight (requests are served one at a
+    // time here): what a request pays for the chance to share a call.
+    r.service(
+        "concurrent_coalesce",
+        layer().coalesce_by(|k: &u64| Some(*k)).layer(cache),
+    );
+    r.service(
+        "sequential_coalesce",
+        layer()
+            .launch(Launch::Sequential)
+            .coalesce_by(|k: &u64| Some(*k))
+            .layer(cache),
+    );
+
     r.service("concurrent_stats", layer().stats(Stats::new()).layer(cache));
     r.service(
         "concurrent_hook",
@@ -335,6 +349,8 @@ pub fn describe(id: &str) -> &'static str {
         "delayed" => "`Launch::Delayed(1 s)`",
         "adaptive" => "`Launch::Adaptive` (p90, 1 s until estimated)",
         "concurrent_stats" => "Concurrent + `.stats(stats)`",
+        "concurrent_coalesce" => "Concurrent + `.coalesce_by(\\|k\\| Some(*k))`, no key shared",
+        "sequential_coalesce" => "Sequential + `.coalesce_by(..)`, no key shared",
         // A `|` inside a markdown table cell must be escaped, code span or not.
         "concurrent_hook" => "Concurrent + `.on_outcome(\\|_\\| ())`",
         "concurrent_hook_tsc" => "the same, `.latency_clock(LatencyClock::Tsc)`",

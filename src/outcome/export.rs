@@ -147,6 +147,11 @@ pub(crate) mod metrics {
             }
         }
 
+        /// The coalescing counters of a layer with the same name.
+        pub(crate) fn coalesce(&self) -> CoalesceHandles {
+            CoalesceHandles::register(self.layer)
+        }
+
         pub(crate) fn record(&self, o: &Outcome) {
             let served = match o.served {
                 Served::Primary => 0,
@@ -199,6 +204,39 @@ pub(crate) mod metrics {
             if let Some(latency) = o.fallback_latency {
                 self.fallback_latency.record(latency.as_secs_f64());
             }
+        }
+    }
+
+    /// The counters of a coalescing layer, labelled `layer = <name>`.
+    pub(crate) struct CoalesceHandles {
+        joined: Counter,
+        ends: [Counter; 3],
+    }
+
+    impl CoalesceHandles {
+        pub(crate) fn register(layer: &'static str) -> Self {
+            ::metrics::describe_counter!(
+                "backstop_coalesce_joined_total",
+                "Requests that joined a coalesced call in flight rather than starting one."
+            );
+            ::metrics::describe_counter!(
+                "backstop_coalesce_calls_total",
+                "Coalesced calls ended, by how (answered, dropped: last waiter gone, panicked)."
+            );
+            let end = |end: &'static str| ::metrics::counter!("backstop_coalesce_calls_total", "layer" => layer, "end" => end);
+            CoalesceHandles {
+                joined: ::metrics::counter!("backstop_coalesce_joined_total", "layer" => layer),
+                ends: [end("answered"), end("dropped"), end("panicked")],
+            }
+        }
+
+        pub(crate) fn joined(&self) {
+            self.joined.increment(1);
+        }
+
+        /// Answered (0), dropped (1), panicked (2).
+        pub(crate) fn ended(&self, end: usize) {
+            self.ends[end].increment(1);
         }
     }
 }

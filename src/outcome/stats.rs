@@ -46,6 +46,11 @@ struct Counters {
     unpolled: AtomicU64,
     /// Requests kept from a speculative launch by the layer's `max_speculative`.
     limited: AtomicU64,
+    // ---- coalescing (`coalesce`), counted by the coalescer, apart from the classes ----
+    /// Requests that joined a coalesced call in flight.
+    coalesce_joined: AtomicU64,
+    /// Coalesced calls ended: answered, dropped (last waiter gone), panicked.
+    coalesce_ends: [AtomicU64; 3],
 }
 
 impl Default for Counters {
@@ -57,6 +62,8 @@ impl Default for Counters {
             cancels: AtomicU64::new(0),
             unpolled: AtomicU64::new(0),
             limited: AtomicU64::new(0),
+            coalesce_joined: AtomicU64::new(0),
+            coalesce_ends: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -186,6 +193,17 @@ pub struct Snapshot {
     /// calls that ran the action. Compare with `fallbacks_cancelled`, the fallback
     /// futures dropped (filled slot or not).
     pub cancels: u64,
+
+    // ---- coalescing: see the `coalesce` module ----
+    /// Requests that joined a coalesced call already in flight for their key, rather
+    /// than starting one: calls the backend was spared.
+    pub coalesce_joined: u64,
+    /// Coalesced calls that answered: every waiter still there got the answer.
+    pub coalesce_answered: u64,
+    /// Coalesced calls dropped unanswered because their last waiter left.
+    pub coalesce_dropped: u64,
+    /// Coalesced calls that panicked: each of their waiters panicked too.
+    pub coalesce_panicked: u64,
 }
 
 impl Snapshot {
@@ -230,6 +248,11 @@ impl Stats {
         snapshot.speculation_limited = self.inner.limited.load(Relaxed);
         snapshot.refill_writes_failed = self.inner.refill_writes_failed.load(Relaxed);
         snapshot.cancels = self.inner.cancels.load(Relaxed);
+        snapshot.coalesce_joined = self.inner.coalesce_joined.load(Relaxed);
+        let [answered, dropped, panicked] = &self.inner.coalesce_ends;
+        snapshot.coalesce_answered = answered.load(Relaxed);
+        snapshot.coalesce_dropped = dropped.load(Relaxed);
+        snapshot.coalesce_panicked = panicked.load(Relaxed);
         snapshot
     }
 
@@ -275,6 +298,18 @@ impl Stats {
     #[inline]
     pub(crate) fn count_unpolled(&self) {
         self.inner.unpolled.fetch_add(1, Relaxed);
+    }
+
+    /// A request joined a coalesced call in flight.
+    #[inline]
+    pub(crate) fn count_coalesce_joined(&self) {
+        self.inner.coalesce_joined.fetch_add(1, Relaxed);
+    }
+
+    /// A coalesced call ended: answered (0), dropped (1) or panicked (2).
+    #[inline]
+    pub(crate) fn count_coalesce_end(&self, end: usize) {
+        self.inner.coalesce_ends[end].fetch_add(1, Relaxed);
     }
 
     /// A request was kept from a speculative launch by the layer's limit.
@@ -327,7 +362,25 @@ impl fmt::Display for Snapshot {
             self.refills_skipped,
             self.refill_failures,
             self.cancels,
-        )
+        )?;
+        // Coalescing, only where it happened: a layer without it reads as before.
+        let coalesce = [
+            self.coalesce_joined,
+            self.coalesce_answered,
+            self.coalesce_dropped,
+            self.coalesce_panicked,
+        ];
+        if coalesce.iter().any(|&n| n != 0) {
+            write!(
+                f,
+                "; {} joined coalesced calls ({} answered, {} dropped, {} panicked)",
+                self.coalesce_joined,
+                self.coalesce_answered,
+                self.coalesce_dropped,
+                self.coalesce_panicked,
+            )?;
+        }
+        Ok(())
     }
 }
 

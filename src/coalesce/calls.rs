@@ -1,0 +1,627 @@
+//! The calls in flight of one coalescing layer: a map from key to shared call, behind
+//! one lock, and the protocol its waiters follow.
+//!
+//! # How a shared call is driven
+//!
+//! Each shared call is a slot holding one waker per waiter, and its future, boxed once
+//! (it must outlive any one waiter, so it cannot live in one). One waiter at a time
+//! *drives*: it holds the future and polls it with its own waker, outside the lock —
+//! the request that started the call from the start, so its polls take no lock until
+//! the call answers. The others store their wakers and sleep. A driver that leaves puts
+//! the future back in the slot and wakes one other waiter, which takes it from its next
+//! poll; when the call ends, every waiter is woken and collects a clone of the answer
+//! (the last one takes the answer itself). Nothing spins, nothing is spawned.
+//!
+//! # Where things are
+//!
+//! A slot is found by its key's hash (hashed once with the layer's `RandomState`,
+//! outside the lock) in a small index of chains, and by its index afterwards: a waiter
+//! holds a [`Ticket`], never a key, so keys need not be `Clone`. Slots, the index and the
+//! waker lists keep their capacity when a call ends: in steady state a call allocates
+//! only its boxed future, and a joiner nothing.
+
+use super::observe::{End, Observers};
+use std::{
+    any::Any,
+    cell::RefCell,
+    future::Future,
+    hash::{BuildHasher, Hash, RandomState},
+    mem,
+    pin::Pin,
+    sync::{Mutex, MutexGuard, PoisonError},
+    task::{Context, Waker},
+};
+
+/// The state one layer's services share: every clone of them, every service the layer
+/// makes. One lock guards every call in flight of the layer.
+pub(crate) struct Registry {
+    hasher: RandomState,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// One map per type of call the layer's services make: almost always one (a layer
+    /// applied to services of different types keeps their calls apart, as it must).
+    maps: Vec<Box<dyn Any + Send>>,
+    observers: Observers,
+}
+
+impl Registry {
+    pub(crate) fn new() -> Registry {
+        Registry {
+            hasher: RandomState::new(),
+            inner: Mutex::default(),
+        }
+    }
+
+    /// The key's hash, computed outside the lock (`Hash` is user code).
+    #[inline]
+    pub(crate) fn hash<K: Hash>(&self, key: &K) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    pub(crate) fn set_observers(&self, observers: Observers) {
+        self.lock().observers = observers;
+    }
+
+    pub(crate) fn observers(&self) -> Observers {
+        self.lock().observers.clone()
+    }
+
+    /// CORRECTNESS: every operation below leaves the maps consistent before it runs any
+    /// user code that may panic (a key's `Eq`, a clone), so a lock poisoned by such a
+    /// panic guards consistent data and is simply taken again.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on this layer's map of calls of type `M`, under the lock.
+    #[inline]
+    fn with<M, R>(&self, f: impl FnOnce(&mut M, &Observers) -> R) -> R
+    where
+        M: Default + Send + 'static,
+    {
+        let mut inner = self.lock();
+        let Inner { maps, observers } = &mut *inner;
+        let i = match maps.iter().position(|map| (**map).is::<M>()) {
+            Some(i) => i,
+            None => {
+                maps.push(Box::<M>::default());
+                maps.len() - 1
+            }
+        };
+        let map = maps[i]
+            .downcast_mut::<M>()
+            .expect("the map found has this type");
+        f(map, observers)
+    }
+}
+
+/// A waiter's place in one shared call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ticket {
+    slot: usize,
+    generation: u64,
+    waiter: usize,
+}
+
+/// What a waiter's poll found.
+pub(crate) enum Step<Fut, T, E> {
+    /// The call's answer (a clone of it, or the answer itself for the last waiter).
+    Ready(Result<T, E>),
+    /// Someone else drives the call, or it is running: this waiter's waker is stored.
+    Pending,
+    /// Nobody drives the call: this waiter does, holding the future from now on.
+    Drive(Pin<Box<Fut>>),
+    /// The call panicked in another waiter's poll.
+    Panicked,
+}
+
+/// What an operation took out of the map, dropped after the lock is released: dropping
+/// a key, a future or an answer runs user code (a future's drop may run an `OnCancel`
+/// action, or call into this very layer).
+pub(crate) struct Garbage<Key, Fut, T, E> {
+    key: Option<Key>,
+    fut: Option<Pin<Box<Fut>>>,
+    result: Option<Result<T, E>>,
+}
+
+impl<Key, Fut, T, E> Default for Garbage<Key, Fut, T, E> {
+    fn default() -> Self {
+        Garbage {
+            key: None,
+            fut: None,
+            result: None,
+        }
+    }
+}
+
+/// The calls in flight of one type, by key.
+pub(crate) struct Calls<Key, Fut, T, E> {
+    /// The first slot of each bucket's chain, by the low bits of the key's hash: a
+    /// power of two of them, at least as many as the slots (grown, never shrunk).
+    buckets: Vec<Option<usize>>,
+    /// Slots indexed: in the buckets' chains.
+    indexed: usize,
+    slots: Vec<Slot<Key, Fut, T, E>>,
+    free: Vec<usize>,
+}
+
+impl<Key, Fut, T, E> Default for Calls<Key, Fut, T, E> {
+    fn default() -> Self {
+        Calls {
+            buckets: Vec::new(),
+            indexed: 0,
+            slots: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+struct Slot<Key, Fut, T, E> {
+    /// Bumped when the slot is freed: a ticket of an earlier call never matches.
+    generation: u64,
+    hash: u64,
+    /// The next slot of the same hash, while indexed.
+    next: Option<usize>,
+    key: Option<Key>,
+    /// Whether new requests with this key join this call: until it ends.
+    indexed: bool,
+    state: State<Fut, T, E>,
+    /// Waiters that have neither left nor collected the answer.
+    waiters: usize,
+    /// Requests that joined after the first: for the observers.
+    joined: usize,
+    /// The waiter that drives the future, if any.
+    driver: Option<usize>,
+    /// One per waiter, by ticket; kept (emptied) when the slot is reused.
+    wakers: Vec<Option<Waker>>,
+}
+
+impl<Key, Fut, T, E> Default for Slot<Key, Fut, T, E> {
+    fn default() -> Self {
+        Slot {
+            generation: 0,
+            hash: 0,
+            next: None,
+            key: None,
+            indexed: false,
+            state: State::Free,
+            waiters: 0,
+            joined: 0,
+            driver: None,
+            wakers: Vec::new(),
+        }
+    }
+}
+
+enum State<Fut, T, E> {
+    Free,
+    /// In flight, in the slot.
+    Idle(Pin<Box<Fut>>),
+    /// In flight, its future held by its driver.
+    Driving,
+    /// Answered: waiting for the remaining waiters to collect it.
+    Done(Result<T, E>),
+    /// Its future (or the clone of its answer) panicked.
+    Panicked,
+}
+
+impl<Key, Fut, T, E> Calls<Key, Fut, T, E>
+where
+    Key: Eq,
+    Fut: Future<Output = Result<T, E>>,
+    T: Clone,
+    E: Clone,
+{
+    /// Joins the call in flight for `key`, or starts one with `start()`. Returns the
+    /// ticket and, for a joiner, its key back, to drop outside the lock.
+    pub(crate) fn join(
+        &mut self,
+        hash: u64,
+        key: Key,
+        start: impl FnOnce() -> Fut,
+        observers: &Observers,
+    ) -> (Ticket, Option<Key>, Option<Pin<Box<Fut>>>) {
+        let mut at = match self.buckets.len() {
+            0 => None,
+            n => self.buckets[bucket(hash, n)],
+        };
+        while let Some(i) = at {
+            let slot = &mut self.slots[i];
+            if slot.hash == hash && slot.key.as_ref() == Some(&key) {
+                let waiter = slot.wakers.len();
+                slot.wakers.push(None);
+                slot.waiters += 1;
+                slot.joined += 1;
+                observers.joined();
+                let ticket = Ticket {
+                    slot: i,
+                    generation: slot.generation,
+                    waiter,
+                };
+                return (ticket, Some(key), None);
+            }
+            at = slot.next;
+        }
+        // The only allocation of a call: its future must outlive any one waiter.
+        let fut = Box::pin(start());
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot::default());
+                self.slots.len() - 1
+            }
+        };
+        if self.indexed >= self.buckets.len() {
+            self.grow();
+        }
+        let b = bucket(hash, self.buckets.len());
+        let next = self.buckets[b].replace(i);
+        self.indexed += 1;
+        let slot = &mut self.slots[i];
+        slot.hash = hash;
+        slot.next = next;
+        slot.key = Some(key);
+        slot.indexed = true;
+        // The request that starts the call drives it, holding its future: its polls
+        // take no lock until the call answers.
+        slot.state = State::Driving;
+        slot.waiters = 1;
+        slot.joined = 0;
+        slot.driver = Some(0);
+        slot.wakers.push(None);
+        let ticket = Ticket {
+            slot: i,
+            generation: slot.generation,
+            waiter: 0,
+        };
+        (ticket, None, Some(fut))
+    }
+
+    fn slot(&mut self, ticket: Ticket) -> &mut Slot<Key, Fut, T, E> {
+        let slot = &mut self.slots[ticket.slot];
+        assert_eq!(
+            slot.generation, ticket.generation,
+            "a coalesced request outlived its call"
+        );
+        slot
+    }
+
+    /// A waiter's poll.
+    pub(crate) fn poll(
+        &mut self,
+        ticket: Ticket,
+        cx: &Context<'_>,
+        garbage: &mut Garbage<Key, Fut, T, E>,
+    ) -> Step<Fut, T, E> {
+        let slot = self.slot(ticket);
+        match &mut slot.state {
+            State::Done(result) => {
+                if slot.waiters > 1 {
+                    // The clone first: if it panics, this waiter has collected nothing.
+                    let answer = result.clone();
+                    slot.waiters -= 1;
+                    slot.wakers[ticket.waiter] = None;
+                    return Step::Ready(answer);
+                }
+                // The last waiter takes the answer itself.
+                self.free(ticket.slot, garbage);
+                match garbage.result.take() {
+                    Some(answer) => Step::Ready(answer),
+                    None => unreachable!("a finished call holds its answer"),
+                }
+            }
+            State::Panicked => {
+                slot.waiters -= 1;
+                slot.wakers[ticket.waiter] = None;
+                if slot.waiters == 0 {
+                    self.free(ticket.slot, garbage);
+                }
+                Step::Panicked
+            }
+            State::Idle(_) if slot.driver.is_none() || slot.driver == Some(ticket.waiter) => {
+                let State::Idle(fut) = mem::replace(&mut slot.state, State::Driving) else {
+                    unreachable!("matched just above")
+                };
+                slot.driver = Some(ticket.waiter);
+                Step::Drive(fut)
+            }
+            State::Idle(_) | State::Driving => {
+                let stored = &mut slot.wakers[ticket.waiter];
+                match stored {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    _ => *stored = Some(cx.waker().clone()),
+                }
+                Step::Pending
+            }
+            State::Free => unreachable!("a coalesced request outlived its call"),
+        }
+    }
+
+    /// The driver's poll of the future answered: the answer is handed to every waiter
+    /// (`wake` gets their wakers).
+    pub(crate) fn driven(
+        &mut self,
+        ticket: Ticket,
+        fut: Pin<Box<Fut>>,
+        answer: Result<T, E>,
+        wake: &mut Wake,
+        garbage: &mut Garbage<Key, Fut, T, E>,
+        observers: &Observers,
+    ) -> Result<T, E> {
+        let slot = self.slot(ticket);
+        // The spent future is dropped outside the lock.
+        garbage.fut = Some(fut);
+        if slot.waiters == 1 {
+            observers.ended(End::Answered, slot.joined);
+            self.free(ticket.slot, garbage);
+            return answer;
+        }
+        // CORRECTNESS: the clone comes before any change: if it panics, the call is
+        // still `Driving`, and the driver's unwind guard reports it as panicked.
+        let copy = answer.clone();
+        observers.ended(End::Answered, slot.joined);
+        slot.state = State::Done(copy);
+        slot.waiters -= 1;
+        slot.wakers[ticket.waiter] = None;
+        slot.driver = None;
+        wake.list()
+            .extend(slot.wakers.iter_mut().filter_map(Option::take));
+        // A request arriving from now on starts a new call: nothing is cached.
+        self.unindex(ticket.slot);
+        answer
+    }
+
+    /// The driver's poll panicked: every other waiter is woken to a clear panic of its
+    /// own, and the next request with this key starts afresh.
+    pub(crate) fn panicked(
+        &mut self,
+        ticket: Ticket,
+        wake: &mut Wake,
+        garbage: &mut Garbage<Key, Fut, T, E>,
+        observers: &Observers,
+    ) {
+        let slot = self.slot(ticket);
+        if !matches!(slot.state, State::Driving) {
+            return;
+        }
+        observers.ended(End::Panicked, slot.joined);
+        slot.state = State::Panicked;
+        slot.driver = None;
+        slot.waiters -= 1;
+        slot.wakers[ticket.waiter] = None;
+        if slot.waiters == 0 {
+            self.free(ticket.slot, garbage);
+            return;
+        }
+        wake.list()
+            .extend(slot.wakers.iter_mut().filter_map(Option::take));
+        self.unindex(ticket.slot);
+    }
+
+    /// A waiter goes away unanswered, with the call's future if it drove it. The last
+    /// one drops the call; a driver that leaves puts the future back in the slot and
+    /// wakes another waiter to take over.
+    pub(crate) fn leave(
+        &mut self,
+        ticket: Ticket,
+        fut: Option<Pin<Box<Fut>>>,
+        wake: &mut Wake,
+        garbage: &mut Garbage<Key, Fut, T, E>,
+        observers: &Observers,
+    ) {
+        let slot = self.slot(ticket);
+        if let Some(fut) = fut {
+            slot.state = State::Idle(fut);
+        }
+        slot.waiters -= 1;
+        slot.wakers[ticket.waiter] = None;
+        let in_flight = matches!(slot.state, State::Idle(_) | State::Driving);
+        if slot.waiters == 0 {
+            if in_flight {
+                observers.ended(End::Dropped, slot.joined);
+            }
+            self.free(ticket.slot, garbage);
+            return;
+        }
+        // CORRECTNESS: a driver that leaves hands the call to another waiter. So does a
+        // waiter that leaves while nobody drives: it may be the one the last driver
+        // woke to take over, and must pass that on, or the call would stall.
+        if in_flight && (slot.driver.is_none() || slot.driver == Some(ticket.waiter)) {
+            slot.driver = None;
+            // A waiter that has not been polled yet has no waker, and will drive from
+            // its first poll.
+            if let Some(waker) = slot.wakers.iter_mut().find_map(Option::take) {
+                wake.list().push(waker);
+            }
+        }
+    }
+
+    /// Takes the slot out of its hash chain: new requests no longer join it.
+    fn unindex(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        if !mem::take(&mut slot.indexed) {
+            return;
+        }
+        let (b, next) = (bucket(slot.hash, self.buckets.len()), slot.next.take());
+        self.indexed -= 1;
+        let Some(head) = self.buckets[b] else {
+            unreachable!("an indexed slot is in its chain")
+        };
+        if head == i {
+            self.buckets[b] = next;
+            return;
+        }
+        let mut at = head;
+        while let Some(after) = self.slots[at].next {
+            if after == i {
+                self.slots[at].next = next;
+                return;
+            }
+            at = after;
+        }
+    }
+
+    /// Doubles the buckets (16 at first) and rechains the indexed slots: only when the
+    /// calls in flight outgrow them.
+    #[cold]
+    fn grow(&mut self) {
+        let n = (self.buckets.len() * 2).max(16);
+        self.buckets.clear();
+        self.buckets.resize(n, None);
+        for i in 0..self.slots.len() {
+            if self.slots[i].indexed {
+                let b = bucket(self.slots[i].hash, n);
+                self.slots[i].next = self.buckets[b].replace(i);
+            }
+        }
+    }
+
+    /// Frees the slot for a later call, handing what it held to `garbage`.
+    fn free(&mut self, i: usize, garbage: &mut Garbage<Key, Fut, T, E>) {
+        self.unindex(i);
+        let slot = &mut self.slots[i];
+        slot.generation = slot.generation.wrapping_add(1);
+        garbage.key = slot.key.take();
+        match mem::replace(&mut slot.state, State::Free) {
+            State::Idle(fut) => garbage.fut = Some(fut),
+            State::Done(result) => garbage.result = Some(result),
+            State::Free | State::Driving | State::Panicked => {}
+        }
+        slot.driver = None;
+        slot.waiters = 0;
+        slot.wakers.clear();
+        self.free.push(i);
+    }
+
+    /// Calls in flight or waiting to be collected, for the tests of the bounds.
+    #[cfg(test)]
+    fn live(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}
+
+thread_local! {
+    /// The wakers an operation collects under the lock, woken after it: recycled, so
+    /// waking the waiters of a call allocates nothing in steady state.
+    static WAKE: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Registry {
+    /// Runs `op` on the map of calls of type `Calls<Key, Fut, T, E>`, then — the lock
+    /// released — wakes the wakers it collected and drops what it took out.
+    #[inline]
+    pub(crate) fn run<Key, Fut, T, E, R>(
+        &self,
+        op: impl FnOnce(
+            &mut Calls<Key, Fut, T, E>,
+            &mut Wake,
+            &mut Garbage<Key, Fut, T, E>,
+            &Observers,
+        ) -> R,
+    ) -> R
+    where
+        Calls<Key, Fut, T, E>: Send + 'static,
+    {
+        let mut wake = Wake(None);
+        let mut garbage = Garbage::default();
+        let out = self.with(|calls, observers| op(calls, &mut wake, &mut garbage, observers));
+        if let Some(mut list) = wake.0 {
+            for waker in list.drain(..) {
+                waker.wake();
+            }
+            let _ = WAKE.try_with(|spare| {
+                if let Ok(mut spare) = spare.try_borrow_mut() {
+                    if spare.capacity() < list.capacity() {
+                        *spare = list;
+                    }
+                }
+            });
+        }
+        drop(garbage);
+        out
+    }
+}
+
+/// The wakers an operation wakes once the lock is released: the thread's recycled list,
+/// taken only by an operation that has some to wake.
+pub(crate) struct Wake(Option<Vec<Waker>>);
+
+impl Wake {
+    fn list(&mut self) -> &mut Vec<Waker> {
+        self.0.get_or_insert_with(|| {
+            WAKE.try_with(|spare| spare.try_borrow_mut().map(|mut s| mem::take(&mut *s)).ok())
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        })
+    }
+}
+
+/// The bucket of `hash` among `n`, a power of two.
+#[inline]
+fn bucket(hash: u64, n: usize) -> usize {
+    (hash as usize) & (n - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        future::Ready,
+        task::{Poll, Waker},
+    };
+
+    type TestCalls = Calls<u32, Ready<Result<u32, ()>>, u32, ()>;
+
+    #[test]
+    fn slots_and_chains_are_reused_and_bounded_by_the_calls_in_flight() {
+        let mut calls = TestCalls::default();
+        let observers = Observers::default();
+        let cx = Context::from_waker(Waker::noop());
+        let mut garbage = Garbage::default();
+        let mut wake = Wake(None);
+        // Three keys on one hash: one chain.
+        let tickets: Vec<_> = (0..3)
+            .map(|k| {
+                let (ticket, _, fut) = calls.join(7, k, || std::future::ready(Ok(k)), &observers);
+                (ticket, fut)
+            })
+            .collect();
+        assert_eq!(calls.live(), 3);
+        // The middle one leaves: the chain stays whole.
+        let mut tickets = tickets.into_iter();
+        let (first, mut first_fut) = tickets.next().unwrap();
+        let (second, second_fut) = tickets.next().unwrap();
+        let (third, mut third_fut) = tickets.next().unwrap();
+        calls.leave(second, second_fut, &mut wake, &mut garbage, &observers);
+        assert_eq!(calls.live(), 2);
+        let (again, joined, none) = calls.join(7, 2, || unreachable!(), &observers);
+        assert_eq!(joined, Some(2));
+        assert!(none.is_none());
+        assert!(matches!(
+            calls.poll(again, &cx, &mut garbage),
+            Step::Pending
+        ));
+        for (t, fut) in [(first, first_fut.take()), (third, third_fut.take())] {
+            let mut fut = fut.unwrap();
+            let Poll::Ready(answer) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+            else {
+                unreachable!()
+            };
+            let _ = calls.driven(t, fut, answer, &mut wake, &mut garbage, &observers);
+        }
+        // Keys 0 and 2 answered; key 2's second waiter collects.
+        assert_eq!(calls.live(), 1);
+        assert!(matches!(
+            calls.poll(again, &cx, &mut garbage),
+            Step::Ready(Ok(2))
+        ));
+        assert_eq!(calls.live(), 0);
+        assert_eq!(calls.indexed, 0);
+        assert!(calls.buckets.iter().all(Option::is_none));
+        assert_eq!(calls.slots.len(), 3);
+    }
+}
