@@ -21,10 +21,6 @@ use crate::{
     LeaseCounters, Row, WriteBack,
 };
 
-/// Whether the crate's per-process coalescer (`FallbackLayer::coalesce_by`) is in this
-/// build: [`Coalescing::PerProcess`] builds it (one line in [`boxed`]).
-pub const PER_PROCESS: bool = false;
-
 /// How the database calls of concurrent misses for one key are shared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Coalescing {
@@ -162,9 +158,8 @@ where
         .launch(launch)
         .stats(stats)
         .refill(refill);
-    if per_process && PER_PROCESS {
-        // The switch: `layer.coalesce_by(|key: &i64| Some(*key))`.
-        BoxCloneService::new(layer.layer(cache))
+    if per_process {
+        BoxCloneService::new(layer.coalesce_by(|key: &i64| Some(*key)).layer(cache))
     } else {
         BoxCloneService::new(layer.layer(cache))
     }
@@ -177,6 +172,9 @@ pub struct Stampede {
     pub queries: u64,
     /// Leases taken, across the instances.
     pub leases: u64,
+    /// Requests that joined a call in flight in their instance (per-process
+    /// coalescing), across the instances.
+    pub joined: u64,
     /// Latency of every request that answered, in ms, sorted.
     pub latencies: Vec<f64>,
     /// Requests that failed or ran past the time bound.
@@ -226,6 +224,13 @@ pub async fn burst(
         .map(|i| i.queries.started.load(Relaxed))
         .sum();
     let leases_before: u64 = instances.iter().map(|i| i.leases.taken.load(Relaxed)).sum();
+    let joined = || -> u64 {
+        instances
+            .iter()
+            .map(|i| i.stats.snapshot().coalesce_joined)
+            .sum()
+    };
+    let joined_before = joined();
     let start = Arc::new(tokio::sync::Barrier::new(requests));
     let tasks: Vec<_> = (0..requests)
         .map(|n| {
@@ -252,6 +257,7 @@ pub async fn burst(
         .map(|i| i.queries.started.load(Relaxed))
         .sum::<u64>()
         - queries_before;
+    run.joined = joined() - joined_before;
     run.leases = instances
         .iter()
         .map(|i| i.leases.taken.load(Relaxed))

@@ -19,7 +19,7 @@ use redis::aio::ConnectionManager;
 use redis_postgres::{
     cache_key, connect,
     env::Servers,
-    fleet::{burst, instance, stampede, Coalescing, Instance, PER_PROCESS},
+    fleet::{burst, instance, stampede, Coalescing, Instance},
     Lease, LeaseConfig, LeaseCounters, Row, Source,
 };
 use tower::{service_fn, Service, ServiceExt};
@@ -96,13 +96,12 @@ async fn one_expired_key_under_256_requests_over_4_instances() {
     };
     let (mut redis, _, _) = connect(&servers, 1).await.unwrap();
     let lease = LeaseConfig::default();
-    let mut modes = vec![Coalescing::Off, Coalescing::Lease(lease)];
-    if PER_PROCESS {
-        modes.extend([
-            Coalescing::PerProcess,
-            Coalescing::LeaseAndPerProcess(lease),
-        ]);
-    }
+    let modes = [
+        Coalescing::Off,
+        Coalescing::PerProcess,
+        Coalescing::Lease(lease),
+        Coalescing::LeaseAndPerProcess(lease),
+    ];
     for (i, coalescing) in modes.into_iter().enumerate() {
         let fleet = fleet(&servers, coalescing).await;
         // A key per mode: a refill still in flight from the last mode lands elsewhere.
@@ -111,9 +110,10 @@ async fn one_expired_key_under_256_requests_over_4_instances() {
             .await
             .unwrap();
         eprintln!(
-            "{}: {} queries, {} leases, p99 {:.1} ms",
+            "{}: {} queries, {} joined, {} leases, p99 {:.1} ms",
             coalescing.name(),
             run.queries,
+            run.joined,
             run.leases,
             run.quantile(0.99)
         );
@@ -130,6 +130,13 @@ async fn one_expired_key_under_256_requests_over_4_instances() {
             Coalescing::Lease(_) | Coalescing::LeaseAndPerProcess(_) => {
                 assert_eq!((run.queries, run.leases), (1, 1), "{}", coalescing.name())
             }
+        }
+        if matches!(
+            coalescing,
+            Coalescing::PerProcess | Coalescing::LeaseAndPerProcess(_)
+        ) {
+            // One call per instance; every other request joined one.
+            assert_eq!(run.joined, 256 - INSTANCES as u64, "{}", coalescing.name());
         }
         for instance in fleet {
             instance.pool.close();

@@ -33,7 +33,7 @@ use redis::aio::ConnectionManager;
 use redis_postgres::{
     cache_key, connect,
     env::Servers,
-    fleet::{instance, stampede, Coalescing, Stampede, PER_PROCESS},
+    fleet::{instance, stampede, Coalescing, Stampede},
     LeaseConfig, Source, LOOKUP,
 };
 use tower::ServiceExt;
@@ -43,17 +43,14 @@ const TIME_BOUND: Duration = Duration::from_secs(60);
 const KEYS: u64 = 10_000;
 const IN_FLIGHT: usize = 64;
 
-fn modes() -> Vec<Coalescing> {
+fn modes() -> [Coalescing; 4] {
     let lease = LeaseConfig::default();
-    let mut modes = vec![Coalescing::Off];
-    if PER_PROCESS {
-        modes.push(Coalescing::PerProcess);
-    }
-    modes.push(Coalescing::Lease(lease));
-    if PER_PROCESS {
-        modes.push(Coalescing::LeaseAndPerProcess(lease));
-    }
-    modes
+    [
+        Coalescing::Off,
+        Coalescing::PerProcess,
+        Coalescing::Lease(lease),
+        Coalescing::LeaseAndPerProcess(lease),
+    ]
 }
 
 fn quantiles(run: &Stampede) -> String {
@@ -70,8 +67,8 @@ async fn stampedes(
     redis: &mut ConnectionManager,
 ) -> Result<(), Box<dyn std::error::Error>> {
     println!("One hot key expiring under 256 concurrent requests, 4 instances; latency in ms (p50 / p99 / max)\n");
-    println!("| coalescing | requests | answered | database queries | leases | latency |");
-    println!("|---|---:|---:|---:|---:|---|");
+    println!("| coalescing | requests | answered | database queries | joined in process | leases | latency |");
+    println!("|---|---:|---:|---:|---:|---:|---|");
     for (i, coalescing) in modes().into_iter().enumerate() {
         let mut fleet = Vec::new();
         for _ in 0..4 {
@@ -80,10 +77,11 @@ async fn stampedes(
         // A key per row: a refill still in flight from the last row lands elsewhere.
         let run = stampede(redis, &fleet, 170_001 + i as i64, 256, TIME_BOUND).await?;
         println!(
-            "| {} | 256 | {} | {} | {} | {} |",
+            "| {} | 256 | {} | {} | {} | {} | {} |",
             coalescing.name(),
             run.latencies.len(),
             run.queries,
+            run.joined,
             run.leases,
             quantiles(&run)
         );
@@ -113,8 +111,8 @@ async fn zipf(
         "\n{requests} requests over {KEYS} Zipf keys (s = 1), {IN_FLIGHT} in flight, one \
          instance, cold cache; latency in ms (p50 / p99 / max)\n"
     );
-    println!("| coalescing | answered | misses | database queries | queries per request | latency, all | latency, database answers |");
-    println!("|---|---:|---:|---:|---:|---|---|");
+    println!("| coalescing | answered | misses | joined in process | database queries | queries per request | latency, all | latency, database answers |");
+    println!("|---|---:|---:|---:|---:|---:|---|---|");
     for coalescing in modes() {
         let mut flush = redis::pipe();
         for rank in 1..=KEYS {
@@ -156,7 +154,8 @@ async fn zipf(
         }
         let (all, misses) = std::mem::take(&mut *samples.lock().unwrap());
         let queries = instance.queries.started.load(Relaxed);
-        let missed = instance.stats.snapshot().served_by_fallback;
+        let snapshot = instance.stats.snapshot();
+        let (missed, joined) = (snapshot.served_by_fallback, snapshot.coalesce_joined);
         let sorted = |mut latencies: Vec<f64>| {
             latencies.sort_by(f64::total_cmp);
             Stampede {
@@ -166,7 +165,7 @@ async fn zipf(
         };
         let (all, misses) = (sorted(all), sorted(misses));
         println!(
-            "| {} | {} | {missed} | {queries} | {:.3} | {} | {} |",
+            "| {} | {} | {missed} | {joined} | {queries} | {:.3} | {} | {} |",
             coalescing.name(),
             all.latencies.len(),
             queries as f64 / all.latencies.len().max(1) as f64,
