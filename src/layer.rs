@@ -141,8 +141,13 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     /// keys get the same answer, whoever sent them: a key that leaves out the caller's
     /// identity hands one user's answer to another — with an `Authorization` or
     /// `Cookie` header, a data leak. Key on what the answer depends on, or return
-    /// `None` for requests carrying credentials. (The `http` module will have a
-    /// ready-made HTTP key that does so.)
+    /// `None` for requests carrying credentials. Over HTTP, the `http` module's
+    /// `HttpKey` (feature `http`) does so: it keys a request by its method, URI and the
+    /// fields answers vary by, and shares no request that carries credentials or has an
+    /// unsafe method. An HTTP answer is made `Clone` by `share_responses()` (features
+    /// `http` and `time`), which must come **before** `coalesce_by`, so that the
+    /// coalescer shares the answer it has read whole:
+    /// `.share_responses().coalesce_by(HttpKey::new())`.
     ///
     /// No waiter is special: a request whose primary was accepted (its fallback
     /// dropped), whose caller left or timed out, leaves the shared call, which goes on

@@ -54,8 +54,9 @@
 //! `Authorization` or `Cookie` header, one user's data to another user — a data leak.
 //! Put in the key everything that varies the answer (for HTTP: the method, the URI,
 //! the headers the answer varies by, the identity of the caller), or return `None` for
-//! requests that must not be shared. The `http` module will have a ready-made HTTP key
-//! that leaves requests carrying credentials unshared unless told otherwise.
+//! requests that must not be shared. The `http` module has a ready-made HTTP key,
+//! `HttpKey` (feature `http`), that leaves requests carrying credentials unshared
+//! unless told otherwise.
 //!
 //! # No waiter is special
 //!

@@ -12,6 +12,9 @@ mod axum_stack;
 mod bad_input;
 mod buffer;
 mod cancel;
+// Shared answers are read whole on tokio's timer (feature `time`).
+#[cfg(feature = "time")]
+mod coalesce_axum;
 mod coalesce_key;
 mod framing;
 // Reading a gRPC answer's first frame is bounded on tokio's timer (feature `time`).
