@@ -350,13 +350,24 @@ where
                     Poll::Pending => return Poll::Pending,
                 },
                 BranchProj::Called { mut fut } => {
-                    let result = match fut.as_mut().poll(cx) {
+                    // A coalesced call refills once, for the first of its waiters that is
+                    // a miss when it takes the answer: a coalesced fallback is told
+                    // whether this request is (its primary rejected already).
+                    let refills = this.refill.is_some();
+                    if refills {
+                        crate::coalesce::mark::expect_miss(!primary_pending);
+                    }
+                    let poll = fut.as_mut().poll(cx);
+                    if refills {
+                        crate::coalesce::mark::expect_miss(false);
+                    }
+                    let result = match poll {
                         Poll::Ready(result) => result,
                         Poll::Pending => return Poll::Pending,
                     };
-                    // A coalesced fallback's answer made for another request is not this
-                    // request's to refill: the refill runs once per shared call. Read
-                    // before the fallback's future is dropped, which clears the mark.
+                    // A coalesced fallback's answer whose refill another waiter claimed
+                    // is not this request's to refill. Read before the fallback's future
+                    // is dropped, which clears the mark.
                     if this.refill.is_some() && crate::coalesce::mark::shared(&*fut) {
                         *this.refill = None;
                     }

@@ -156,9 +156,11 @@ impl<F, A, S, O, I, R> FallbackLayer<F, A, S, O, I, R> {
     /// on for whoever remains: an abandoned share costs nothing more than the call the
     /// remaining requests need anyway.
     ///
-    /// The [`refill`](FallbackLayer::refill) runs at most once per shared call: only
-    /// for the request whose poll finished the call (the others' answers are marked as
-    /// shared), and only if that request is a miss, as always. [`Stats`] and `metrics`
+    /// The [`refill`](FallbackLayer::refill) runs once per shared call, for the first of
+    /// its waiters that is already a miss (its primary rejected) when it takes the
+    /// answer; a waiter whose primary was still pending then keeps its own refill, for
+    /// if it turns out a miss — so under a speculative launch a shared call may refill
+    /// more than once, never less than its misses need. [`Stats`] and `metrics`
     /// count the requests that joined and how the calls ended
     /// ([`Snapshot::coalesce_joined`](crate::outcome::Snapshot::coalesce_joined) and
     /// after), whether set before or after this call.

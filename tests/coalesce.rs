@@ -481,3 +481,32 @@ async fn many_threads_share_one_call_and_leave_it_from_anywhere() {
     assert_eq!((s.coalesce_answered, s.coalesce_dropped), (1, 1));
     assert_eq!(calls.load(SeqCst), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_refill_is_made_by_a_miss_even_when_the_driver_turns_out_a_hit() {
+    // A's cache is slow (a hit at 100 ms), so A starts the shared call and drives it; B's
+    // cache misses at once, so B joins; the database answers at 50 ms, while A's primary
+    // is still pending. B is the miss: B refills, although A drove the call.
+    let cache = Probe::new("cache", |key| match key {
+        1 => (Duration::from_millis(100), Reply::Value(1)),
+        _ => (Duration::from_millis(1), Reply::Empty),
+    });
+    let db = Probe::fixed("db", 50, Reply::Value(7));
+    let db_counts = db.counts();
+    let refills = Arc::new(AtomicUsize::new(0));
+    let refilled = refills.clone();
+    let svc = FallbackLayer::new(db)
+        .accept(hit)
+        .refill(move |_key: u64, _answer: &Answer| {
+            refilled.fetch_add(1, SeqCst);
+            Ok::<_, ProbeError>(tower_backstop::refill::Write::Started)
+        })
+        // Both requests share one database call, whatever their cache key.
+        .coalesce_by(|_: &u64| Some(()))
+        .layer(cache);
+    let (a, b) = tokio::join!(svc.clone().oneshot(1), svc.clone().oneshot(2));
+    assert_eq!(a.unwrap().from, "cache");
+    assert_eq!(b.unwrap().from, "db");
+    assert_eq!(db_counts.started(), 1);
+    assert_eq!(refills.load(SeqCst), 1, "the miss refilled");
+}

@@ -108,8 +108,9 @@ pub(crate) struct Ticket {
 
 /// What a waiter's poll found.
 pub(crate) enum Step<Fut, T, E> {
-    /// The call's answer (a clone of it, or the answer itself for the last waiter).
-    Ready(Result<T, E>),
+    /// The call's answer (a clone of it, or the answer itself for the last waiter), and
+    /// whether its refill is another waiter's (see [`Slot::claim_refill`]).
+    Ready(Result<T, E>, bool),
     /// Someone else drives the call, or it is running: this waiter's waker is stored.
     Pending,
     /// Nobody drives the call: this waiter does, holding the future from now on.
@@ -177,6 +178,24 @@ struct Slot<Key, Fut, T, E> {
     driver: Option<usize>,
     /// One per waiter, by ticket; kept (emptied) when the slot is reused.
     wakers: Vec<Option<Waker>>,
+    /// A waiter whose request was already a miss when it took the answer has claimed
+    /// the call's one refill.
+    refill_claimed: bool,
+}
+
+impl<Key, Fut, T, E> Slot<Key, Fut, T, E> {
+    /// Whether a waiter taking the answer now leaves the refill to another: the call
+    /// refills once, for the first waiter whose request is already a miss when it takes
+    /// the answer (`miss`: the `Fallback` in front had rejected its primary). A waiter
+    /// whose primary was still pending keeps its refill, for if it turns out a miss:
+    /// under a speculative launch a shared call may so refill more than once, never
+    /// less than a miss needs.
+    fn claim_refill(&mut self, miss: bool) -> bool {
+        if !miss {
+            return false;
+        }
+        mem::replace(&mut self.refill_claimed, true)
+    }
 }
 
 impl<Key, Fut, T, E> Default for Slot<Key, Fut, T, E> {
@@ -192,6 +211,7 @@ impl<Key, Fut, T, E> Default for Slot<Key, Fut, T, E> {
             joined: 0,
             driver: None,
             wakers: Vec::new(),
+            refill_claimed: false,
         }
     }
 }
@@ -270,6 +290,7 @@ where
         slot.state = State::Driving;
         slot.waiters = 1;
         slot.joined = 0;
+        slot.refill_claimed = false;
         slot.driver = Some(0);
         slot.wakers.push(None);
         let ticket = Ticket {
@@ -289,12 +310,14 @@ where
         slot
     }
 
-    /// A waiter's poll.
+    /// A waiter's poll; `miss`: its request was already a miss (see
+    /// [`Slot::claim_refill`]).
     pub(crate) fn poll(
         &mut self,
         ticket: Ticket,
         cx: &Context<'_>,
         garbage: &mut Garbage<Key, Fut, T, E>,
+        miss: bool,
     ) -> Step<Fut, T, E> {
         let slot = self.slot(ticket);
         match &mut slot.state {
@@ -304,12 +327,14 @@ where
                     let answer = result.clone();
                     slot.waiters -= 1;
                     slot.wakers[ticket.waiter] = None;
-                    return Step::Ready(answer);
+                    let skip = slot.claim_refill(miss);
+                    return Step::Ready(answer, skip);
                 }
                 // The last waiter takes the answer itself.
+                let skip = slot.claim_refill(miss);
                 self.free(ticket.slot, garbage);
                 match garbage.result.take() {
-                    Some(answer) => Step::Ready(answer),
+                    Some(answer) => Step::Ready(answer, skip),
                     None => unreachable!("a finished call holds its answer"),
                 }
             }
@@ -342,6 +367,8 @@ where
 
     /// The driver's poll of the future answered: the answer is handed to every waiter
     /// (`wake` gets their wakers).
+    // Every argument is a part of the one operation under the lock.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn driven(
         &mut self,
         ticket: Ticket,
@@ -350,14 +377,16 @@ where
         wake: &mut Wake,
         garbage: &mut Garbage<Key, Fut, T, E>,
         observers: &Observers,
-    ) -> Result<T, E> {
+        miss: bool,
+    ) -> (Result<T, E>, bool) {
         let slot = self.slot(ticket);
         // The spent future is dropped outside the lock.
         garbage.fut = Some(fut);
+        let skip = slot.claim_refill(miss);
         if slot.waiters == 1 {
             observers.ended(End::Answered, slot.joined);
             self.free(ticket.slot, garbage);
-            return answer;
+            return (answer, skip);
         }
         // CORRECTNESS: the clone comes before any change: if it panics, the call is
         // still `Driving`, and the driver's unwind guard reports it as panicked.
@@ -371,7 +400,7 @@ where
             .extend(slot.wakers.iter_mut().filter_map(Option::take));
         // A request arriving from now on starts a new call: nothing is cached.
         self.unindex(ticket.slot);
-        answer
+        (answer, skip)
     }
 
     /// The driver's poll panicked: every other waiter is woken to a clear panic of its
@@ -602,7 +631,7 @@ mod tests {
         assert_eq!(joined, Some(2));
         assert!(none.is_none());
         assert!(matches!(
-            calls.poll(again, &cx, &mut garbage),
+            calls.poll(again, &cx, &mut garbage, false),
             Step::Pending
         ));
         for (t, fut) in [(first, first_fut.take()), (third, third_fut.take())] {
@@ -611,13 +640,13 @@ mod tests {
             else {
                 unreachable!()
             };
-            let _ = calls.driven(t, fut, answer, &mut wake, &mut garbage, &observers);
+            let _ = calls.driven(t, fut, answer, &mut wake, &mut garbage, &observers, false);
         }
         // Keys 0 and 2 answered; key 2's second waiter collects.
         assert_eq!(calls.live(), 1);
         assert!(matches!(
-            calls.poll(again, &cx, &mut garbage),
-            Step::Ready(Ok(2))
+            calls.poll(again, &cx, &mut garbage, false),
+            Step::Ready(Ok(2), false)
         ));
         assert_eq!(calls.live(), 0);
         assert_eq!(calls.indexed, 0);

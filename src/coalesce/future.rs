@@ -175,19 +175,21 @@ where
     fn poll(&mut self, cx: &mut Context<'_>, address: usize) -> Poll<Result<T, E>> {
         assert!(!self.done, "`ResponseFuture` polled after completion");
         let ticket = self.ticket;
+        let miss = mark::take_miss();
         if self.fut.is_none() {
             let step = self
                 .registry
                 .run(|calls: &mut Calls<Key, Fut, T, E>, _, garbage, _| {
-                    calls.poll(ticket, cx, garbage)
+                    calls.poll(ticket, cx, garbage, miss)
                 });
             match step {
-                Step::Ready(answer) => {
+                Step::Ready(answer, skip) => {
                     self.done = true;
-                    // Another request's poll made this answer: a refill is not this
-                    // request's to make.
-                    self.mark = address;
-                    mark::set(address);
+                    // Another waiter, already a miss, refills: not this request.
+                    if skip {
+                        self.mark = address;
+                        mark::set(address);
+                    }
                     return Poll::Ready(answer);
                 }
                 Step::Pending => return Poll::Pending,
@@ -219,13 +221,17 @@ where
             }
         };
         let fut = self.fut.take().expect("polled just above");
-        let answer = self.registry.run(
+        let (answer, skip) = self.registry.run(
             |calls: &mut Calls<Key, Fut, T, E>, wake, garbage, observers| {
-                calls.driven(ticket, fut, answer, wake, garbage, observers)
+                calls.driven(ticket, fut, answer, wake, garbage, observers, miss)
             },
         );
         guard.armed = false;
         *guard.done = true;
+        if skip {
+            self.mark = address;
+            mark::set(address);
+        }
         Poll::Ready(answer)
     }
 }
@@ -309,6 +315,22 @@ pub(crate) mod mark {
 
     thread_local! {
         static MARK: Cell<usize> = const { Cell::new(0) };
+        /// Set by the `Fallback` future, around its poll of the fallback's future,
+        /// when its request is already a miss (its primary was rejected) and it has a
+        /// refill to make: read (and cleared) by the coalesced response future polled.
+        static MISS: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// The `Fallback` future polls its fallback's future for a request that is a miss
+    /// already (`true`), and then again `false`.
+    #[inline]
+    pub(crate) fn expect_miss(miss: bool) {
+        let _ = MISS.try_with(|m| m.set(miss));
+    }
+
+    /// Whether the `Fallback` future polling this one said its request is a miss.
+    pub(super) fn take_miss() -> bool {
+        MISS.try_with(|m| m.replace(false)).unwrap_or(false)
     }
 
     pub(super) fn set(address: usize) {
@@ -324,7 +346,7 @@ pub(crate) mod mark {
     }
 
     /// Whether `fut`, which just returned its answer, is a coalesced response future
-    /// (or starts with one) that handed out another request's answer; clears the mark.
+    /// (or starts with one) whose call's refill another waiter claimed; clears the mark.
     #[inline(never)]
     pub(crate) fn shared<F>(fut: &F) -> bool {
         let address = std::ptr::from_ref(fut).addr();

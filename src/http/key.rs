@@ -57,7 +57,16 @@ pub const CREDENTIALS: [HeaderName; 3] = [
 ///   answered by its body, which is not in the key;
 /// - carries credentials ([`CREDENTIALS`]: `Authorization`, `Cookie`,
 ///   `Proxy-Authorization`), unless [`share_credentialed`](HttpKey::share_credentialed)
-///   was called.
+///   was called;
+/// - asks for a protocol upgrade (`Upgrade`: a WebSocket handshake is answered for its
+///   own connection).
+///
+/// **It judges requests, not answers.** Every request that shares a call gets the same
+/// response, its `Set-Cookie` and `Cache-Control: private` included: an origin that
+/// starts a session on an anonymous first visit (a new session cookie, a CSRF token)
+/// would hand that one session to every request that joined. Coalesce only routes
+/// whose answers are the same for everyone, or key such routes on what tells their
+/// callers apart.
 ///
 /// Otherwise the key ([`RequestKey`]) holds the method, the URI as the request has it
 /// (scheme, authority, path and query; the authority compared without regard to case,
@@ -206,6 +215,12 @@ impl<B: Body> CoalesceKey<Request<B>> for HttpKey {
         let mut count = 0;
         for name in headers.keys() {
             if !self.credentialed && CREDENTIALS.contains(name) {
+                return None;
+            }
+            // A protocol upgrade (a WebSocket handshake) is answered for this
+            // connection alone: its `101` carries a `Sec-WebSocket-Accept` made from this
+            // request's own key.
+            if name == header::UPGRADE {
                 return None;
             }
         }

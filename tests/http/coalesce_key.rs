@@ -264,3 +264,14 @@ fn keys_are_thread_safe_values_and_their_debug_hides_field_values() {
     assert_eq!(key.method(), Method::GET);
     assert_eq!(key.uri(), "/account");
 }
+
+#[test]
+fn an_upgrade_is_never_shared() {
+    use tower_backstop::coalesce::CoalesceKey;
+    let request = http::Request::get("/chat")
+        .header(http::header::UPGRADE, "websocket")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(tower_backstop::http::ReplayBody::default())
+        .unwrap();
+    assert!(tower_backstop::http::HttpKey::new().key(&request).is_none());
+}
