@@ -68,9 +68,12 @@
 //!
 //! Leaving costs one lock of the layer's map. While the call goes on, what it costs
 //! the backend is paid for the remaining waiters; the call is driven by the waiters
-//! themselves, with no task spawned (no runtime needed): whichever polls first drives
-//! it, the others sleep until woken, and a driver that leaves wakes another to take
-//! over. So a call abandoned by its driver makes no progress until another waiter is
+//! themselves, with no task spawned (no runtime needed): the request that started it
+//! drives it, the others sleep until woken, and a driver that leaves wakes another to
+//! take over. The starter drives from its first poll: a future made by `call` and not
+//! yet awaited (never the case under [`Fallback`](crate::Fallback), which polls its
+//! fallback's future as it calls it) holds up the requests that join it until it is
+//! polled or dropped. So a call abandoned by its driver makes no progress until another waiter is
 //! polled again, which its waker sees to at once.
 //!
 //! # Panics
