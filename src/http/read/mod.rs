@@ -19,6 +19,7 @@
 //! [`RejectBody`](crate::http::accept::RejectBody) judge the bytes, in one line:
 //!
 //! ```
+//! # #[cfg(feature = "time")] {
 //! use tower_backstop::{accept::And, http::accept::{RejectBody, StatusIn}};
 //!
 //! // A cache that answers `200` with an empty body on a miss.
@@ -26,6 +27,7 @@
 //! // One that answers `{"found":false}`.
 //! let found = RejectBody::equal_to(b"{\"found\":false}");
 //! # let _ = (hit, found);
+//! # }
 //! ```
 //!
 //! An answer that stands reaches the caller byte for byte, trailers included: its body
