@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::{future::Future, pin::Pin, task::Poll, time::Duration};
+use std::{future::Future, task::Poll, time::Duration};
 use support::{hit, poll_once, Outcomes, Probe, Reply};
 use tower::Service;
 use tower_backstop::{
@@ -180,7 +180,7 @@ mod budget {
         }
         assert_eq!((tally.0.load(SeqCst), tally.1.load(SeqCst)), (2, 1));
         // Dropped after its first poll, a request deposited: it ran.
-        let mut fut: Pin<Box<_>> = Box::pin(svc.call(4));
+        let mut fut: std::pin::Pin<Box<_>> = Box::pin(svc.call(4));
         assert!(poll_once(&mut fut).await.is_pending());
         drop(fut);
         assert_eq!((tally.0.load(SeqCst), tally.1.load(SeqCst)), (3, 2));

@@ -96,14 +96,15 @@ fn request() -> impl Strategy<Value = Request> {
         })
 }
 
-fn policy() -> impl Strategy<Value = Policy> {
-    prop_oneof![
+fn policy() -> BoxedStrategy<Policy> {
+    let timed = prop_oneof![
         Just(Policy::Concurrent),
         Just(Policy::Sequential),
         (1..6u64).prop_map(Policy::Delayed),
-        #[cfg(feature = "adaptive")]
-        Just(Policy::Adaptive),
-    ]
+    ];
+    #[cfg(feature = "adaptive")]
+    let timed = prop_oneof![timed, Just(Policy::Adaptive)];
+    timed.boxed()
 }
 
 fn schedule() -> impl Strategy<Value = Schedule> {
@@ -451,6 +452,7 @@ fn the_reported_schedules() {
         latency: 7,
         hit: true,
     };
+    #[cfg_attr(not(feature = "adaptive"), allow(unused_mut))]
     let mut policies = vec![Policy::Concurrent, Policy::Sequential, Policy::Delayed(2)];
     #[cfg(feature = "adaptive")]
     policies.push(Policy::Adaptive);
