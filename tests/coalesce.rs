@@ -510,3 +510,98 @@ async fn the_refill_is_made_by_a_miss_even_when_the_driver_turns_out_a_hit() {
     assert_eq!(db_counts.started(), 1);
     assert_eq!(refills.load(SeqCst), 1, "the miss refilled");
 }
+
+/// A request whose drop panics when told to: user code the coalescer runs.
+#[derive(Debug)]
+struct Fragile(u64, bool);
+
+impl Drop for Fragile {
+    fn drop(&mut self) {
+        if self.1 && !std::thread::panicking() {
+            panic!("a request that panics when dropped");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_joiner_whose_request_panics_when_dropped_leaves_the_call_it_joined() {
+    let (db, calls, cancels) = cancellable_db(50);
+    let db = tower::ServiceBuilder::new()
+        .map_request(|r: Fragile| r.0)
+        .service(db);
+    let mut svc = Coalesce::new(db, |r: &Fragile| Some(r.0));
+    let mut first = Box::pin(svc.clone().oneshot(Fragile(1, false)));
+    assert!(poll_once(&mut first).await.is_pending());
+    // The joiner's request is dropped when it joins (the call has the first one's):
+    // its panic reaches the caller of `call`.
+    let joiner =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| svc.call(Fragile(1, true))));
+    assert!(joiner.is_err(), "the request's drop panicked in `call`");
+    // The joiner is not left in the call: its last real waiter leaving drops it.
+    drop(first);
+    assert_eq!((calls.load(SeqCst), cancels.load(SeqCst)), (1, 1));
+    // And the next request starts a call of its own.
+    assert_eq!(svc.oneshot(Fragile(1, false)).await, Ok(db_answer(1)));
+    assert_eq!(calls.load(SeqCst), 2);
+}
+
+/// A key whose drop panics when told to; equal to another by its number alone.
+#[derive(Debug)]
+struct FragileKey(u64, bool);
+
+impl PartialEq for FragileKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for FragileKey {}
+
+impl std::hash::Hash for FragileKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl Drop for FragileKey {
+    fn drop(&mut self) {
+        if self.1 && !std::thread::panicking() {
+            panic!("a key that panics when dropped");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_that_panics_when_dropped_after_the_answer_panics_once_and_leaves_no_call() {
+    use futures_util::FutureExt;
+    let db = service_fn(|(k, _): (u64, bool)| async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok::<_, ProbeError>(db_answer(k))
+    });
+    // The call keeps the key of the request that started it; the last waiter to take
+    // the answer drops it. Alone: the driver; with a joiner: the joiner.
+    let svc = Coalesce::new(db, |r: &(u64, bool)| Some(FragileKey(r.0, r.1)));
+    let alone = std::panic::AssertUnwindSafe(svc.clone().oneshot((1, true)))
+        .catch_unwind()
+        .await;
+    assert!(
+        alone.is_err(),
+        "the key's drop panicked in the driver's poll"
+    );
+
+    let mut driver = Box::pin(svc.clone().oneshot((2, true)));
+    assert!(poll_once(&mut driver).await.is_pending());
+    let mut joiner = Box::pin(svc.clone().oneshot((2, false)));
+    assert!(poll_once(&mut joiner).await.is_pending());
+    assert_eq!(driver.as_mut().await, Ok(db_answer(2)));
+    let joined = std::panic::AssertUnwindSafe(joiner).catch_unwind().await;
+    assert!(
+        joined.is_err(),
+        "the key's drop panicked in the last waiter's poll"
+    );
+    drop(driver);
+    // Nothing is left in flight: each key starts afresh.
+    for k in [1, 2] {
+        assert_eq!(svc.clone().oneshot((k, false)).await, Ok(db_answer(k)));
+    }
+}

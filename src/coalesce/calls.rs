@@ -19,6 +19,16 @@
 //! holds a [`Ticket`], never a key, so keys need not be `Clone`. Slots, the index and the
 //! waker lists keep their capacity when a call ends: in steady state a call allocates
 //! only its boxed future, and a joiner nothing.
+//!
+//! # User code and the lock
+//!
+//! Under the lock run only a key's `Eq` (finding the call), the inner service's
+//! `Clone` (starting one) and the observers (`tracing`, `metrics`); every operation
+//! leaves the calls consistent before it runs them, or runs them before it changes
+//! anything, so a panic there leaves no waiter counted that does not exist. Keys,
+//! requests, futures and answers are dropped after the lock is released, and once the
+//! waiter they belong to holds its ticket: a panic in their drop reaches that one
+//! request, which leaves the call as any dropped waiter does.
 
 use super::observe::{End, Observers};
 use std::{
@@ -106,6 +116,14 @@ pub(crate) struct Ticket {
     waiter: usize,
 }
 
+/// What [`Calls::join`] did.
+pub(crate) enum Join<Key, Fut, F> {
+    /// No call with this key was in flight: this request starts one, and drives it.
+    Started(Ticket, Pin<Box<Fut>>),
+    /// It joined the call in flight, and gets back its key and its unused start.
+    Joined(Ticket, Key, F),
+}
+
 /// What a waiter's poll found.
 pub(crate) enum Step<Fut, T, E> {
     /// The call's answer (a clone of it, or the answer itself for the last waiter), and
@@ -178,6 +196,10 @@ struct Slot<Key, Fut, T, E> {
     driver: Option<usize>,
     /// One per waiter, by ticket; kept (emptied) when the slot is reused.
     wakers: Vec<Option<Waker>>,
+    /// Places in `wakers` of waiters that left while the call was in flight, for the
+    /// next joiner: `wakers` is bounded by the waiters present at once, not by the
+    /// requests that ever joined.
+    vacant: Vec<usize>,
     /// A waiter whose request was already a miss when it took the answer has claimed
     /// the call's one refill.
     refill_claimed: bool,
@@ -196,6 +218,18 @@ impl<Key, Fut, T, E> Slot<Key, Fut, T, E> {
         }
         mem::replace(&mut self.refill_claimed, true)
     }
+
+    /// A new waiter's place in `wakers`: a vacant one, or a new one.
+    fn add_waiter(&mut self) -> usize {
+        self.waiters += 1;
+        match self.vacant.pop() {
+            Some(waiter) => waiter,
+            None => {
+                self.wakers.push(None);
+                self.wakers.len() - 1
+            }
+        }
+    }
 }
 
 impl<Key, Fut, T, E> Default for Slot<Key, Fut, T, E> {
@@ -211,6 +245,7 @@ impl<Key, Fut, T, E> Default for Slot<Key, Fut, T, E> {
             joined: 0,
             driver: None,
             wakers: Vec::new(),
+            vacant: Vec::new(),
             refill_claimed: false,
         }
     }
@@ -235,15 +270,19 @@ where
     T: Clone,
     E: Clone,
 {
-    /// Joins the call in flight for `key`, or starts one with `start()`. Returns the
-    /// ticket and, for a joiner, its key back, to drop outside the lock.
-    pub(crate) fn join(
+    /// Joins the call in flight for `key`, or starts one with `start()`. A joiner gets
+    /// its key and `start` (which holds its request) back, to drop outside the lock once
+    /// it holds its ticket.
+    ///
+    /// CORRECTNESS: the observers (a `tracing` subscriber, a `metrics` recorder: user
+    /// code) hear of a join before anything changes, so a panic there joins nothing.
+    pub(crate) fn join<F: FnOnce() -> Fut>(
         &mut self,
         hash: u64,
         key: Key,
-        start: impl FnOnce() -> Fut,
+        start: F,
         observers: &Observers,
-    ) -> (Ticket, Option<Key>, Option<Pin<Box<Fut>>>) {
+    ) -> Join<Key, Fut, F> {
         let mut at = match self.buckets.len() {
             0 => None,
             n => self.buckets[bucket(hash, n)],
@@ -251,17 +290,15 @@ where
         while let Some(i) = at {
             let slot = &mut self.slots[i];
             if slot.hash == hash && slot.key.as_ref() == Some(&key) {
-                let waiter = slot.wakers.len();
-                slot.wakers.push(None);
-                slot.waiters += 1;
-                slot.joined += 1;
                 observers.joined();
+                let waiter = slot.add_waiter();
+                slot.joined += 1;
                 let ticket = Ticket {
                     slot: i,
                     generation: slot.generation,
                     waiter,
                 };
-                return (ticket, Some(key), None);
+                return Join::Joined(ticket, key, start);
             }
             at = slot.next;
         }
@@ -288,17 +325,16 @@ where
         // The request that starts the call drives it, holding its future: its polls
         // take no lock until the call answers.
         slot.state = State::Driving;
-        slot.waiters = 1;
         slot.joined = 0;
         slot.refill_claimed = false;
-        slot.driver = Some(0);
-        slot.wakers.push(None);
+        let waiter = slot.add_waiter();
+        slot.driver = Some(waiter);
         let ticket = Ticket {
             slot: i,
             generation: slot.generation,
-            waiter: 0,
+            waiter,
         };
-        (ticket, None, Some(fut))
+        Join::Started(ticket, fut)
     }
 
     fn slot(&mut self, ticket: Ticket) -> &mut Slot<Key, Fut, T, E> {
@@ -308,6 +344,14 @@ where
             "a coalesced request outlived its call"
         );
         slot
+    }
+
+    /// The ticket's slot, unless its call was freed already: for the operations that
+    /// run while a waiter unwinds (a panic in a key's or a future's drop, after the
+    /// call was freed), which must not panic again.
+    fn live_slot(&mut self, ticket: Ticket) -> Option<&mut Slot<Key, Fut, T, E>> {
+        let slot = self.slots.get_mut(ticket.slot)?;
+        (slot.generation == ticket.generation && !matches!(slot.state, State::Free)).then_some(slot)
     }
 
     /// A waiter's poll; `miss`: its request was already a miss (see
@@ -383,15 +427,15 @@ where
         // The spent future is dropped outside the lock.
         garbage.fut = Some(fut);
         let skip = slot.claim_refill(miss);
+        let joined = slot.joined;
         if slot.waiters == 1 {
-            observers.ended(End::Answered, slot.joined);
             self.free(ticket.slot, garbage);
+            observers.ended(End::Answered, joined);
             return (answer, skip);
         }
         // CORRECTNESS: the clone comes before any change: if it panics, the call is
         // still `Driving`, and the driver's unwind guard reports it as panicked.
         let copy = answer.clone();
-        observers.ended(End::Answered, slot.joined);
         slot.state = State::Done(copy);
         slot.waiters -= 1;
         slot.wakers[ticket.waiter] = None;
@@ -400,6 +444,8 @@ where
             .extend(slot.wakers.iter_mut().filter_map(Option::take));
         // A request arriving from now on starts a new call: nothing is cached.
         self.unindex(ticket.slot);
+        // CORRECTNESS: the observers (user code) last, on consistent calls.
+        observers.ended(End::Answered, joined);
         (answer, skip)
     }
 
@@ -412,22 +458,25 @@ where
         garbage: &mut Garbage<Key, Fut, T, E>,
         observers: &Observers,
     ) {
-        let slot = self.slot(ticket);
+        let Some(slot) = self.live_slot(ticket) else {
+            return;
+        };
         if !matches!(slot.state, State::Driving) {
             return;
         }
-        observers.ended(End::Panicked, slot.joined);
+        let joined = slot.joined;
         slot.state = State::Panicked;
         slot.driver = None;
         slot.waiters -= 1;
         slot.wakers[ticket.waiter] = None;
         if slot.waiters == 0 {
             self.free(ticket.slot, garbage);
-            return;
+        } else {
+            wake.list()
+                .extend(slot.wakers.iter_mut().filter_map(Option::take));
+            self.unindex(ticket.slot);
         }
-        wake.list()
-            .extend(slot.wakers.iter_mut().filter_map(Option::take));
-        self.unindex(ticket.slot);
+        observers.ended(End::Panicked, joined);
     }
 
     /// A waiter goes away unanswered, with the call's future if it drove it. The last
@@ -441,7 +490,11 @@ where
         garbage: &mut Garbage<Key, Fut, T, E>,
         observers: &Observers,
     ) {
-        let slot = self.slot(ticket);
+        let Some(slot) = self.live_slot(ticket) else {
+            // Freed while this waiter unwound: what it held goes with it.
+            garbage.fut = fut;
+            return;
+        };
         if let Some(fut) = fut {
             slot.state = State::Idle(fut);
         }
@@ -449,11 +502,15 @@ where
         slot.wakers[ticket.waiter] = None;
         let in_flight = matches!(slot.state, State::Idle(_) | State::Driving);
         if slot.waiters == 0 {
-            if in_flight {
-                observers.ended(End::Dropped, slot.joined);
-            }
+            let joined = slot.joined;
             self.free(ticket.slot, garbage);
+            if in_flight {
+                observers.ended(End::Dropped, joined);
+            }
             return;
+        }
+        if in_flight {
+            slot.vacant.push(ticket.waiter);
         }
         // CORRECTNESS: a driver that leaves hands the call to another waiter. So does a
         // waiter that leaves while nobody drives: it may be the one the last driver
@@ -522,6 +579,7 @@ where
         slot.driver = None;
         slot.waiters = 0;
         slot.wakers.clear();
+        slot.vacant.clear();
         self.free.push(i);
     }
 
@@ -614,10 +672,12 @@ mod tests {
         let mut wake = Wake(None);
         // Three keys on one hash: one chain.
         let tickets: Vec<_> = (0..3)
-            .map(|k| {
-                let (ticket, _, fut) = calls.join(7, k, || std::future::ready(Ok(k)), &observers);
-                (ticket, fut)
-            })
+            .map(
+                |k| match calls.join(7, k, || std::future::ready(Ok(k)), &observers) {
+                    Join::Started(ticket, fut) => (ticket, Some(fut)),
+                    Join::Joined(..) => unreachable!("three keys"),
+                },
+            )
             .collect();
         assert_eq!(calls.live(), 3);
         // The middle one leaves: the chain stays whole.
@@ -627,9 +687,9 @@ mod tests {
         let (third, mut third_fut) = tickets.next().unwrap();
         calls.leave(second, second_fut, &mut wake, &mut garbage, &observers);
         assert_eq!(calls.live(), 2);
-        let (again, joined, none) = calls.join(7, 2, || unreachable!(), &observers);
-        assert_eq!(joined, Some(2));
-        assert!(none.is_none());
+        let Join::Joined(again, 2, _) = calls.join(7, 2, || unreachable!(), &observers) else {
+            panic!("key 2 is in flight")
+        };
         assert!(matches!(
             calls.poll(again, &cx, &mut garbage, false),
             Step::Pending
@@ -652,5 +712,28 @@ mod tests {
         assert_eq!(calls.indexed, 0);
         assert!(calls.buckets.iter().all(Option::is_none));
         assert_eq!(calls.slots.len(), 3);
+    }
+
+    #[test]
+    fn waiters_that_come_and_go_reuse_their_places() {
+        let mut calls = TestCalls::default();
+        let observers = Observers::default();
+        let mut garbage = Garbage::default();
+        let mut wake = Wake(None);
+        let Join::Started(driver, fut) = calls.join(1, 1, || std::future::ready(Ok(1)), &observers)
+        else {
+            unreachable!("nothing in flight")
+        };
+        // A thousand requests join the call one after another and leave (their
+        // primaries answered): the call keeps one place for each waiter present.
+        for _ in 0..1000 {
+            let Join::Joined(ticket, ..) = calls.join(1, 1, || unreachable!(), &observers) else {
+                panic!("the call is in flight")
+            };
+            calls.leave(ticket, None, &mut wake, &mut garbage, &observers);
+        }
+        assert_eq!(calls.slots[driver.slot].wakers.len(), 2);
+        calls.leave(driver, Some(fut), &mut wake, &mut garbage, &observers);
+        assert_eq!(calls.live(), 0);
     }
 }

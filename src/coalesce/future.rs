@@ -1,6 +1,6 @@
 //! The response future of [`Coalesce`](super::Coalesce).
 
-use super::calls::{Calls, Registry, Step, Ticket};
+use super::calls::{Calls, Join, Registry, Step, Ticket};
 use pin_project_lite::pin_project;
 use std::{
     fmt,
@@ -84,25 +84,28 @@ where
         req: Req,
     ) -> Self {
         let hash = registry.hash(&key);
-        let (ticket, key, fut) =
-            registry.run(|calls: &mut CallsOf<S, Req, Key>, _, _, observers| {
-                calls.join(hash, key, || Oneshot::new(svc(), req), observers)
-            });
-        // A joiner's key (and request, moved into the closure) are dropped here, outside
-        // the lock.
-        drop(key);
+        let joined = registry.run(|calls: &mut CallsOf<S, Req, Key>, _, _, observers| {
+            calls.join(hash, key, || Oneshot::new(svc(), req), observers)
+        });
+        let (ticket, fut, unused) = match joined {
+            Join::Started(ticket, fut) => (ticket, Some(fut), None),
+            Join::Joined(ticket, key, start) => (ticket, None, Some((key, start))),
+        };
+        let waiter = Waiter {
+            registry: registry.clone(),
+            ticket,
+            fut,
+            done: false,
+            mark: 0,
+            leave: leave::<Key, Oneshot<S, Req>, S::Response, S::Error>,
+            _types: PhantomData,
+        };
+        // CORRECTNESS: a joiner's key and request (in its unused start) are dropped
+        // outside the lock, and once its waiter holds its ticket: if their drop panics,
+        // the waiter's own drop leaves the call.
+        drop(unused);
         ResponseFuture {
-            kind: Kind::Waiting {
-                waiter: Waiter {
-                    registry: registry.clone(),
-                    ticket,
-                    fut,
-                    done: false,
-                    mark: 0,
-                    leave: leave::<Key, Oneshot<S, Req>, S::Response, S::Error>,
-                    _types: PhantomData,
-                },
-            },
+            kind: Kind::Waiting { waiter },
         }
     }
 }
